@@ -1,0 +1,15 @@
+"""The MiniCPM-V / MiniCPM-o model family in PyTorch: configs, modules, checkpoints, preprocessing, prompts.
+
+Everything else in this project (exporters, quantisation, runtime, iOS bundle) imports from here.
+"""
+
+from minicpm.checkpoint import Checkpoint, load_model, resolve_model, save_model
+from minicpm.config import VARIANTS, MiniCPMConfig, Variant
+from minicpm.errors import UserError
+from minicpm.generation import GenerationResult, SamplingConfig, generate
+from minicpm.modeling import MiniCPMV
+
+__all__ = [
+    "VARIANTS", "Checkpoint", "GenerationResult", "MiniCPMConfig", "MiniCPMV", "SamplingConfig", "UserError",
+    "Variant", "generate", "load_model", "resolve_model", "save_model",
+]

@@ -1,0 +1,240 @@
+"""Find a checkpoint (directory, hub id, short name or tiny name), load it strictly, save it back.
+
+Only safetensors are read (never unpickled). Weights are streamed tensor by tensor into a model built
+without random initialisation, so loading holds about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from minicpm.config import VARIANTS, MiniCPMConfig
+from minicpm.errors import UserError
+from minicpm.modeling import MiniCPMV
+from minicpm.prompt import PromptBuilder, SpecialTokens, load_tokenizer
+
+SHORT_NAMES = {v.hub_id.split("/")[1]: v.hub_id for v in VARIANTS}
+# Modules of the o-models that this package does not build (audio encoder and speech head come later).
+SKIPPED_PREFIXES = ("apm.", "audio_projection_layer.", "audio_avg_pooler.", "tts.")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """A local snapshot directory for `name`: a path, `tiny-*`, a short name or a hub id."""
+    name = str(name)
+    if os.path.isdir(name):
+        return Path(name)
+    from minicpm.tiny import TINY_MODELS, ensure_tiny  # noqa: PLC0415 (tiny imports this module)
+
+    if name in TINY_MODELS:
+        return ensure_tiny(name)
+    repo_id = SHORT_NAMES.get(name, name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise UserError(f"model not found: {name} (not a directory, a hub id like openbmb/MiniCPM-V-4, "
+                        f"a short name ({', '.join(SHORT_NAMES)}) or a tiny model ({', '.join(TINY_MODELS)}))")
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 (any cache miss means: try the network, if allowed)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise UserError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                        f"download it on a connected machine or pass a snapshot directory (--model DIR)")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{repo_id}: not in the local Hugging Face cache and could not be downloaded "
+                        f"({type(e).__name__}); put the snapshot in a directory and pass --model DIR") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{path}: shard(s) listed in model.safetensors.index.json are missing: "
+                            f"{', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    if pickled:
+        raise UserError(f"{path}: only safetensors are loaded, found pickled weights ({', '.join(pickled)}); "
+                        "convert them to safetensors first")
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in checkpoint_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield key, sf.get_tensor(key)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (a corrupt shard must be named)
+            raise UserError(f"{f}: cannot read safetensors ({e})") from None
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # prefix -> count, skipped on purpose
+
+    def describe(self) -> str:
+        parts = [f"{self.loaded} tensors loaded"]
+        parts += [f"skipped {n} {prefix}* tensors (not built here)" for prefix, n in self.skipped.items()]
+        return ", ".join(parts)
+
+
+def _skip_reason(key: str, config: MiniCPMConfig) -> str | None:
+    for prefix in SKIPPED_PREFIXES:
+        if key.startswith(prefix):
+            return prefix
+    if config.drop_vision_last_layer:
+        prefix = f"vpm.encoder.layers.{config.vision_layers}."
+        if key.startswith(prefix):
+            return prefix  # upstream drops this layer (drop_vision_last_layer)
+    return None
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, path: Path) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # Small checkpoints run in float32; full-size ones in bfloat16 (float32 would not fit in memory).
+        size = sum(f.stat().st_size for f in checkpoint_files(path))
+        return torch.float32 if size < 2 * 1024**3 else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r} (use auto, float32, float16 or bfloat16)") from None
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto") -> tuple[MiniCPMV, LoadReport]:
+    """Build the model from `path`/config.json and load its safetensors strictly."""
+    from transformers.initialization import no_init_weights  # noqa: PLC0415
+
+    path = Path(path)
+    config = MiniCPMConfig.from_dir(path)
+    torch_dtype = _resolve_dtype(dtype, path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # allocate once, in the final dtype
+    try:
+        with no_init_weights():
+            model = MiniCPMV(config)
+    finally:
+        torch.set_default_dtype(previous)
+    params = dict(model.state_dict())
+    tied = "llm.lm_head.weight" if config.llm.tie_word_embeddings else None
+    report, seen, unexpected, mismatched = LoadReport(), set(), [], []
+    for key, tensor in iter_tensors(path):
+        reason = _skip_reason(key, config)
+        if reason:
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            continue
+        if key not in params:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(params[key].shape):
+            mismatched.append(f"{key} (checkpoint {list(tensor.shape)}, model {list(params[key].shape)})")
+            continue
+        params[key].copy_(tensor)
+        seen.add(key)
+        report.loaded += 1
+    missing = [k for k in params if k not in seen and k != tied]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {', '.join(mismatched[:5])}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)"
+                                                                     if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (f" (+{len(unexpected) - 5} more)"
+                                                                           if len(unexpected) > 5 else ""))
+    if problems:
+        raise UserError(f"{path}: checkpoint does not match {config.variant.name}: " + "; ".join(problems))
+    if tied:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    model.eval()
+    return model, report
+
+
+def save_model(model: MiniCPMV, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json, model.safetensors (upstream names) and tokenizer files; atomic per file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.llm.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    state.update(extra or {})
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(model.config.raw, indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory with its config, tokenizer and prompt builder (weights on demand)."""
+
+    path: Path
+    config: MiniCPMConfig
+    tokenizer: PreTrainedTokenizerBase
+    prompts: PromptBuilder
+    generation_config: dict
+
+    @classmethod
+    def open(cls, name: str | os.PathLike) -> Checkpoint:
+        path = resolve_model(name)
+        config = MiniCPMConfig.from_dir(path)
+        tokenizer = load_tokenizer(path)
+        gen = path / "generation_config.json"
+        generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+        return cls(path, config, tokenizer, PromptBuilder(tokenizer, config, SpecialTokens.from_dir(path)),
+                   generation_config)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return stop_token_ids(self.tokenizer, self.generation_config)
+
+    def load_model(self, dtype: str | torch.dtype | None = "auto") -> tuple[MiniCPMV, LoadReport]:
+        return load_model(self.path, dtype)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: dict | None = None) -> list[int]:
+    """Stop ids: the checkpoint's generation_config eos ids, the tokenizer eos, and the chat terminators."""
+    ids: list[int] = []
+    eos = (generation_config or {}).get("eos_token_id")
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "</s>") if t in vocab]
+    return sorted(set(ids))

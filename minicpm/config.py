@@ -1,0 +1,132 @@
+"""Checkpoint config.json -> the variant and the sub-configs our modules are built from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+
+from minicpm.errors import UserError
+from minicpm.image_processing import SliceConfig
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One member of the family: what its config.json says and how we build it."""
+
+    name: str  # our name, e.g. "minicpm-v-4"
+    model_type: str  # config.json "model_type": "minicpmv" or "minicpmo"
+    version: float  # config.json "version"
+    llm: str  # "llama", "qwen2" or "qwen3"
+    resampler: str  # "2d" or "3d" (temporal ids for video frames)
+    hub_id: str
+
+    @property
+    def thinking(self) -> bool:
+        """Qwen3-based models take `enable_thinking` in their chat template."""
+        return self.llm == "qwen3"
+
+
+VARIANTS = [
+    Variant("minicpm-v-4", "minicpmv", 4.0, "llama", "2d", "openbmb/MiniCPM-V-4"),
+    Variant("minicpm-v-4.5", "minicpmv", 4.5, "qwen3", "3d", "openbmb/MiniCPM-V-4_5"),
+    Variant("minicpm-o-4.5", "minicpmo", 4.5, "qwen3", "2d", "openbmb/MiniCPM-o-4_5"),
+    Variant("minicpm-o-2.6", "minicpmo", 2.6, "qwen2", "2d", "openbmb/MiniCPM-o-2_6"),
+    Variant("minicpm-v-2.6", "minicpmv", 2.6, "qwen2", "2d", "openbmb/MiniCPM-V-2_6"),
+]
+LLM_CONFIGS: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# Sub-configs and remote-code plumbing that must not leak into the LLM config.
+_NOT_LLM_KEYS = {"vision_config", "audio_config", "tts_config", "slice_config", "auto_map", "architectures",
+                 "model_type", "transformers_version", "_name_or_path"}
+
+
+def find_variant(raw: dict) -> Variant:
+    model_type = raw.get("model_type")
+    if model_type not in ("minicpmv", "minicpmo"):
+        raise UserError(f"config.json: model_type {model_type!r} is not a MiniCPM-V/o model "
+                        "(expected 'minicpmv' or 'minicpmo')")
+    if "version" not in raw:
+        raise UserError("config.json: missing 'version' (needed to pick the MiniCPM variant)")
+    try:
+        version = float(raw["version"])
+    except (TypeError, ValueError):
+        raise UserError(f"config.json: version {raw['version']!r} is not a number") from None
+    for v in VARIANTS:
+        if v.model_type == model_type and abs(v.version - version) < 1e-6:
+            return v
+    known = ", ".join(f"{v.model_type} {v.version}" for v in VARIANTS)
+    raise UserError(f"config.json: unknown version {raw['version']!r} for model_type {model_type!r} "
+                    f"(supported: {known})")
+
+
+@dataclass
+class MiniCPMConfig:
+    """The parsed checkpoint config: variant, LLM config, vision config and the multimodal settings."""
+
+    raw: dict
+    variant: Variant
+    llm: PretrainedConfig
+    vision: Idefics2VisionConfig
+    slice: SliceConfig
+    query_num: int
+    use_image_id: bool
+    drop_vision_last_layer: bool
+    scale_emb: float | None  # multiplies the text token embeddings when present (upstream V-4.0 rule)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.hidden_size
+
+    @property
+    def vision_layers(self) -> int:
+        """Encoder layers actually built (the last is dropped when the checkpoint says so)."""
+        n = self.vision.num_hidden_layers
+        return n - 1 if self.drop_vision_last_layer else n
+
+    @property
+    def has_audio(self) -> bool:
+        return self.variant.model_type == "minicpmo" and bool(self.raw.get("init_audio", True))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> MiniCPMConfig:
+        variant = find_variant(raw)
+        llm_kwargs = {k: v for k, v in raw.items() if k not in _NOT_LLM_KEYS}
+        llm = LLM_CONFIGS[variant.llm](**llm_kwargs)
+        llm._attn_implementation = "sdpa"
+        vision_raw = dict(raw.get("vision_config") or {})
+        for k in ("model_type", "architectures", "_name_or_path", "transformers_version"):
+            vision_raw.pop(k, None)
+        vision = Idefics2VisionConfig(**vision_raw)
+        vision._attn_implementation = "sdpa"
+        sc = raw.get("slice_config") or {}
+        slice_config = SliceConfig(
+            patch_size=int(sc.get("patch_size", raw.get("patch_size", 14))),
+            max_slice_nums=int(sc.get("max_slice_nums", raw.get("max_slice_nums", 9))),
+            scale_resolution=int(sc.get("scale_resolution", raw.get("scale_resolution", 448))),
+            slice_mode=bool(raw.get("slice_mode", True)),
+        )
+        return cls(
+            raw=raw,
+            variant=variant,
+            llm=llm,
+            vision=vision,
+            slice=slice_config,
+            query_num=int(raw.get("query_num", 64)),
+            use_image_id=bool(raw.get("use_image_id", True)),
+            drop_vision_last_layer=bool(raw.get("drop_vision_last_layer", True)),
+            scale_emb=raw.get("scale_emb"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> MiniCPMConfig:
+        f = Path(path) / "config.json"
+        if not f.is_file():
+            raise UserError(f"{path}: no config.json (not a MiniCPM checkpoint directory)")
+        try:
+            raw = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}: invalid JSON ({e})") from None
+        return cls.from_dict(raw)

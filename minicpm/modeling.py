@@ -1,0 +1,100 @@
+"""The MiniCPM-V / MiniCPM-o model: vision encoder (`vpm`), resampler, and a transformers causal LM (`llm`).
+
+Audio (`apm`) and speech (`tts`) modules of the o-models are not built here; their weights are skipped
+by the loader on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+from minicpm.config import MiniCPMConfig
+from minicpm.image_processing import navit_position_ids
+from minicpm.resampler import Resampler
+from minicpm.vision_encoder import VisionEncoder
+
+LLM_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM,
+}
+
+
+class MiniCPMV(nn.Module):
+    """One class for the whole family; `config.variant` says which member it is."""
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.config = config
+        self.llm = LLM_CLASSES[config.variant.llm](config.llm)
+        self.vpm = VisionEncoder(config.vision, config.vision_layers)
+        self.resampler = Resampler(config.query_num, config.hidden_size, config.vision.hidden_size,
+                                   temporal=config.variant.resampler == "3d")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.model.embed_tokens.weight.dtype
+
+    # ----- vision ---------------------------------------------------------------------------------------
+
+    def vision_inputs(self, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]]
+                      ) -> dict[str, torch.Tensor]:
+        """Pad a batch of patch rows; host-side position ids, masks and resampler tables."""
+        p = self.config.slice.patch_size
+        lengths = [h * w for h, w in tgt_sizes]
+        longest = max(lengths)
+        batch = len(pixel_values)
+        pixels = torch.zeros(batch, 3, p, longest * p)
+        position_ids = torch.zeros(batch, longest, dtype=torch.long)
+        patch_mask = torch.zeros(batch, longest, dtype=torch.bool)
+        pos = torch.zeros(batch, longest, self.config.hidden_size)
+        for i, (row, (h, w), n) in enumerate(zip(pixel_values, tgt_sizes, lengths, strict=True)):
+            pixels[i, :, :, : n * p] = row
+            position_ids[i, :n] = navit_position_ids(h, w, self.vpm.num_patches_per_side)
+            patch_mask[i, :n] = True
+            pos[i, :n] = self.resampler.pos_embed(h, w)
+        return {"pixel_values": pixels, "position_ids": position_ids, "patch_mask": patch_mask, "pos": pos}
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]],
+                      batch_size: int = 16) -> torch.Tensor:
+        """Patch rows of images and slices -> [N, query_num, H] features, in input order."""
+        out = []
+        for start in range(0, len(pixel_values), batch_size):
+            inputs = self.vision_inputs(pixel_values[start:start + batch_size], tgt_sizes[start:start + batch_size])
+            out.append(self.encode_batch(**inputs))
+        if not out:
+            return torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=self.dtype)
+        return torch.cat(out)
+
+    def encode_batch(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_mask: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor:
+        all_valid = bool(patch_mask.all())
+        features = self.vpm(pixel_values, position_ids, None if all_valid else patch_mask)
+        return self.resampler(features, pos, None if all_valid else ~patch_mask)
+
+    # ----- text -----------------------------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt token embeddings; a config with `scale_emb` scales them (upstream get_vllm_embedding)."""
+        emb = self.llm.model.embed_tokens(input_ids)
+        if self.config.scale_emb is not None:
+            emb = emb * self.config.scale_emb
+        return emb
+
+    def embed_generated(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of generated tokens: upstream decodes through the plain LLM embedding (no scale_emb)."""
+        return self.llm.model.embed_tokens(input_ids)
+
+    def prompt_embeddings(self, input_ids: torch.Tensor, image_bounds: list[tuple[int, int]],
+                          vision: torch.Tensor) -> torch.Tensor:
+        """[L] ids -> [L, H] embeddings with vision features written over the placeholder spans, in order."""
+        emb = self.embed_tokens(input_ids)
+        if len(image_bounds) != vision.shape[0]:
+            raise ValueError(f"{len(image_bounds)} placeholder spans but {vision.shape[0]} vision features")
+        for (start, end), feats in zip(image_bounds, vision, strict=True):
+            if end - start != feats.shape[0]:
+                raise ValueError(f"placeholder span [{start}, {end}) holds {end - start} tokens, "
+                                 f"vision gives {feats.shape[0]}")
+            emb[start:end] = feats.to(emb.dtype)
+        return emb

@@ -1,0 +1,164 @@
+"""Chat messages -> input ids and image placeholder spans, via the checkpoint's own tokenizer and template.
+
+Each image in a message becomes an image tag in the message text (`(<image>./</image>)`, or
+`<image>./</image>` for o-4.5; content items joined with "\n"). After the chat template is applied, every
+tag is expanded to `<image_id>i</image_id><image>` + 64 x `<unk>` + `</image>` followed by one
+`<slice>...</slice>` per grid cell, rows joined by "\n" (upstream MiniCPMVImageProcessor / processors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2TokenizerFast
+
+from minicpm.config import MiniCPMConfig
+from minicpm.errors import UserError
+from minicpm.image_processing import ImageInputs, process_image
+
+
+def image_tag(config: MiniCPMConfig) -> str:
+    """The per-image tag upstream chat() writes into the message text (o-4.5 dropped the parentheses)."""
+    return "<image>./</image>" if config.variant.name == "minicpm-o-4.5" else "(<image>./</image>)"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Placeholder token strings (from preprocessor_config.json when present)."""
+
+    im_start: str = "<image>"
+    im_end: str = "</image>"
+    slice_start: str = "<slice>"
+    slice_end: str = "</slice>"
+    im_id_start: str = "<image_id>"
+    im_id_end: str = "</image_id>"
+    unk: str = "<unk>"
+
+    @classmethod
+    def from_dir(cls, path: Path) -> SpecialTokens:
+        f = path / "preprocessor_config.json"
+        raw = json.loads(f.read_text()) if f.is_file() else {}
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, loaded without remote code (tokenizer.json, or Qwen vocab.json + merges.txt)."""
+    path = Path(path)
+    try:
+        if (path / "tokenizer.json").is_file():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tok = Qwen2TokenizerFast.from_pretrained(str(path))
+        else:
+            raise UserError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    if not tok.chat_template:
+        raise UserError(f"{path}: the tokenizer has no chat template")
+    return tok
+
+
+def is_image(item) -> bool:
+    return isinstance(item, Image.Image | np.ndarray) or (isinstance(item, dict) and item.get("type") == "image")
+
+
+@dataclass
+class Prompt:
+    """What the LLM path needs: token ids, placeholder spans (end exclusive) and the images behind them."""
+
+    input_ids: list[int]
+    image_bounds: list[tuple[int, int]]
+    images: list[ImageInputs] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def pixel_values(self) -> list[torch.Tensor]:
+        return [pv for im in self.images for pv in im.pixel_values]
+
+    @property
+    def tgt_sizes(self) -> list[tuple[int, int]]:
+        return [t for im in self.images for t in im.tgt_sizes]
+
+
+class PromptBuilder:
+    """Renders chat messages for one checkpoint (tokenizer + config + placeholder tokens)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: MiniCPMConfig,
+                 special: SpecialTokens | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.special = special or SpecialTokens()
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in vars(self.special).items()}
+        missing = [getattr(self.special, n) for n, i in ids.items() if i is None or i == tokenizer.unk_token_id
+                   and n != "unk"]
+        if missing:
+            raise UserError(f"tokenizer lacks the image placeholder tokens {missing}")
+        self.start_ids = {ids["im_start"], ids["slice_start"]}
+        self.end_ids = {ids["im_end"], ids["slice_end"]}
+        self.tag = image_tag(config)
+        # o-4.5's processor deletes <|listen|> ids after tokenising (a duplex-mode marker).
+        listen = tokenizer.get_vocab().get("<|listen|>") if config.variant.name == "minicpm-o-4.5" else None
+        self.dropped_ids = {listen} if listen is not None else set()
+
+    def image_placeholder(self, image: ImageInputs, index: int) -> str:
+        s, q = self.special, self.config.query_num
+        text = s.im_start + s.unk * q + s.im_end
+        if self.config.use_image_id:
+            text = f"{s.im_id_start}{index}{s.im_id_end}" + text
+        if image.sliced.grid is not None:
+            cols, rows = image.sliced.grid
+            cell = s.slice_start + s.unk * q + s.slice_end
+            text += "\n".join(cell * cols for _ in range(rows))
+        return text
+
+    def render(self, messages: list[dict], enable_thinking: bool = False) -> tuple[str, list]:
+        """Messages -> (template text with image tags, image items in order)."""
+        chat, images = [], []
+        if not messages:
+            raise UserError("no messages")
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant"):
+                raise UserError(f"unknown message role {role!r} (system, user or assistant)")
+            items = [content] if isinstance(content, str) or is_image(content) else list(content or [])
+            parts = []
+            for item in items:
+                if is_image(item):
+                    images.append(item["image"] if isinstance(item, dict) else item)
+                    parts.append(self.tag)
+                elif isinstance(item, dict) and item.get("type") == "text":
+                    parts.append(item["text"])
+                elif isinstance(item, str):
+                    parts.append(item)
+                else:
+                    raise UserError(f"unsupported message content item of type {type(item).__name__}")
+            chat.append({"role": role, "content": "\n".join(parts)})
+        kwargs = {"enable_thinking": enable_thinking} if self.config.variant.thinking else {}
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
+        return text, images
+
+    def build(self, messages: list[dict], max_slice_nums: int | None = None,
+              enable_thinking: bool = False) -> Prompt:
+        """Render, expand image tags, tokenize, and locate the placeholder spans."""
+        text, raw_images = self.render(messages, enable_thinking)
+        chunks = text.split(self.tag)
+        if len(chunks) - 1 != len(raw_images):
+            raise UserError(f"the text contains the reserved image tag {self.tag!r}")
+        images = [process_image(im, self.config.slice, max_slice_nums=max_slice_nums) for im in raw_images]
+        final = chunks[0] + "".join(self.image_placeholder(im, i) + chunks[i + 1] for i, im in enumerate(images))
+        input_ids = [t for t in self.tokenizer.encode(final) if t not in self.dropped_ids]
+        return Prompt(input_ids, self.image_bounds(input_ids), images, final)
+
+    def image_bounds(self, input_ids: list[int]) -> list[tuple[int, int]]:
+        starts = [i + 1 for i, t in enumerate(input_ids) if t in self.start_ids]
+        ends = [i for i, t in enumerate(input_ids) if t in self.end_ids]
+        if len(starts) != len(ends) or any(e < s for s, e in zip(starts, ends, strict=True)):
+            raise UserError("unbalanced image placeholder tokens in the prompt")
+        return list(zip(starts, ends, strict=True))

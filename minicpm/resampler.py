@@ -1,0 +1,66 @@
+"""Perceiver resampler: patch features of one image or slice -> `query_num` vectors of the LLM width.
+
+2D (V-4.0, V-2.6, o-2.6, o-4.5): learned queries attend to the patch features with a 2D sin-cos
+position added to the keys. 3D (V-4.5) adds a 1D sin-cos temporal embedding per video frame.
+The position tables are host data (numpy float32, computed as upstream); the forward takes them in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """[..] positions -> [.., dim]: sin half then cos half, w_i = 1 / 10000^(i / (dim/2))."""
+    omega = np.arange(dim // 2, dtype=np.float32)
+    omega /= dim / 2.0
+    omega = 1.0 / 10000**omega
+    out = np.einsum("...,d->...d", pos.astype(np.float32), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=-1)
+
+
+def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
+    """[rows, cols, dim] table; the first half encodes the column, the second half the row."""
+    grid_w, grid_h = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=-1)
+
+
+class Resampler(nn.Module):
+    """Parameter names follow upstream `resampler.*`; `pos_embed` is not stored in checkpoints."""
+
+    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, num_heads: int | None = None,
+                 temporal: bool = False, max_size: tuple[int, int] = (70, 70)):
+        super().__init__()
+        self.num_queries = num_queries
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads or embed_dim // 128
+        self.temporal = temporal
+        self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.attn = nn.MultiheadAttention(embed_dim, self.num_heads)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.proj = nn.Parameter(embed_dim**-0.5 * torch.randn(embed_dim, embed_dim))
+        self._table = sincos_2d(embed_dim, *max_size)
+
+    def pos_embed(self, tgt_h: int, tgt_w: int) -> torch.Tensor:
+        """[h*w, D] position table of one slice: the [:h, :w] corner, grown on demand."""
+        if tgt_h > self._table.shape[0] or tgt_w > self._table.shape[1]:
+            self._table = sincos_2d(self.embed_dim, max(tgt_h, self._table.shape[0]),
+                                    max(tgt_w, self._table.shape[1]))
+        return torch.from_numpy(np.ascontiguousarray(self._table[:tgt_h, :tgt_w].reshape(tgt_h * tgt_w, -1)))
+
+    def temporal_embed(self, temporal_id: int) -> torch.Tensor:
+        return torch.from_numpy(sincos_1d(self.embed_dim, np.asarray([temporal_id], dtype=np.float32))[0])
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x [B, L, Dv] patch features, pos [B, L, D] key positions, mask [B, L] True = padding."""
+        x = self.ln_kv(self.kv_proj(x)).transpose(0, 1)  # L, B, D
+        q = self.ln_q(self.query)[:, None, :].expand(-1, x.shape[1], -1)  # Q, B, D
+        out = self.attn(q, x + pos.transpose(0, 1).to(x.dtype), x, key_padding_mask=key_padding_mask,
+                        need_weights=False)[0]
+        return self.ln_post(out.transpose(0, 1)) @ self.proj

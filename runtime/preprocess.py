@@ -1,0 +1,42 @@
+"""`python -m runtime.preprocess`: show how a prompt and its images become model inputs.
+
+Prints slice grids, resized sizes, patch grids, input ids and the placeholder spans (end exclusive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from minicpm.checkpoint import Checkpoint
+from runtime.cli import add_model_argument, add_prompt_arguments, messages_from_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.preprocess", description=__doc__)
+    add_model_argument(parser)
+    add_prompt_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    ckpt = Checkpoint.open(args.model)
+    prompt = ckpt.prompts.build(messages_from_args(args), max_slice_nums=args.max_slice_nums,
+                                enable_thinking=args.thinking)
+    result = {
+        "images": [im.summary() for im in prompt.images],
+        "input_ids": prompt.input_ids,
+        "image_bounds": [list(b) for b in prompt.image_bounds],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model: {ckpt.config.variant.name} ({ckpt.path})")
+    for i, im in enumerate(result["images"]):
+        print(f"image {i}: {im['original_size'][0]}x{im['original_size'][1]}, grid {im['grid']}, "
+              f"sizes {' '.join(f'{w}x{h}' for w, h in im['slice_sizes'])}")
+    print(f"{len(prompt.input_ids)} tokens, {len(prompt.image_bounds)} placeholder spans")
+    print(prompt.text)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
