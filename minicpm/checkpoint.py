@@ -39,7 +39,7 @@ def resolve_model(name: str | os.PathLike) -> Path:
     if name in TINY_MODELS:
         return ensure_tiny(name)
     repo_id = SHORT_NAMES.get(name, name)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
         raise UserError(f"model not found: {name} (not a directory, a hub id like openbmb/MiniCPM-V-4, "
                         f"a short name ({', '.join(SHORT_NAMES)}) or a tiny model ({', '.join(TINY_MODELS)}))")
     from huggingface_hub import snapshot_download  # noqa: PLC0415
@@ -49,8 +49,9 @@ def resolve_model(name: str | os.PathLike) -> Path:
     except Exception:  # noqa: BLE001 (any cache miss means: try the network, if allowed)
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise UserError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                        f"download it on a connected machine or pass a snapshot directory (--model DIR)")
+        raise UserError(f"{repo_id} is not in the local Hugging Face cache (no such directory either) and "
+                        "HF_HUB_OFFLINE is set: download it on a connected machine, or put the snapshot in a "
+                        "directory and pass --model DIR")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001
@@ -222,19 +223,20 @@ class Checkpoint:
 
     @property
     def stop_ids(self) -> list[int]:
-        return stop_token_ids(self.tokenizer, self.generation_config)
+        return stop_token_ids(self.tokenizer, self.config, self.generation_config)
 
     def load_model(self, dtype: str | torch.dtype | None = "auto") -> tuple[MiniCPMV, LoadReport]:
         return load_model(self.path, dtype)
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: dict | None = None) -> list[int]:
-    """Stop ids: the checkpoint's generation_config eos ids, the tokenizer eos, and the chat terminators."""
-    ids: list[int] = []
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: MiniCPMConfig,
+                   generation_config: dict | None = None) -> list[int]:
+    """Stop ids: upstream chat()'s terminators for the variant plus the checkpoint's generation_config eos ids."""
+    vocab = tokenizer.get_vocab()
+    terminators = ("<|im_end|>", "</s>") if config.variant.llm == "llama" else ("<|im_end|>", "<|endoftext|>")
+    ids = [vocab[t] for t in terminators if t in vocab]
     eos = (generation_config or {}).get("eos_token_id")
     ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "</s>") if t in vocab]
+    if not ids:
+        raise UserError("the checkpoint defines no stop token (no <|im_end|> and no generation_config eos)")
     return sorted(set(ids))

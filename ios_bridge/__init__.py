@@ -1,0 +1,1 @@
+"""The Xcode-ready bundle and the Swift package that runs it."""

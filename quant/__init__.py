@@ -1,0 +1,1 @@
+"""int4 quantisation: calibration, AWQ search, scale folding, format-neutral codes every exporter writes."""
