@@ -12,14 +12,17 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+DEMO_OUT := out/tiny-minicpm-v-4-onnx
+
+# Export the embedded tiny model to ONNX (parity table), then answer through onnxruntime (timings).
 demo: venv
-	$(PY) -m runtime.generate --model tiny-minicpm-v-4 --backend torch --image examples/house.png \
+	$(PY) -m export.onnx --model tiny-minicpm-v-4 --out $(DEMO_OUT)
+	$(PY) -m runtime.generate --artifacts $(DEMO_OUT) --backend onnxruntime --image examples/house.png \
 		--prompt "What is in this image?" --max-new-tokens 32
 
 test: venv

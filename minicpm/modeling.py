@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qw
 
 from minicpm.config import MiniCPMConfig
 from minicpm.image_processing import navit_position_ids
-from minicpm.resampler import Resampler
+from minicpm.resampler import Resampler, pos_embed_2d
 from minicpm.vision_encoder import VisionEncoder
 
 LLM_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -37,23 +37,11 @@ class MiniCPMV(nn.Module):
 
     # ----- vision ---------------------------------------------------------------------------------------
 
-    def vision_inputs(self, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]]
-                      ) -> dict[str, torch.Tensor]:
-        """Pad a batch of patch rows; host-side position ids, masks and resampler tables."""
-        p = self.config.slice.patch_size
-        lengths = [h * w for h, w in tgt_sizes]
-        longest = max(lengths)
-        batch = len(pixel_values)
-        pixels = torch.zeros(batch, 3, p, longest * p)
-        position_ids = torch.zeros(batch, longest, dtype=torch.long)
-        patch_mask = torch.zeros(batch, longest, dtype=torch.bool)
-        pos = torch.zeros(batch, longest, self.config.hidden_size)
-        for i, (row, (h, w), n) in enumerate(zip(pixel_values, tgt_sizes, lengths, strict=True)):
-            pixels[i, :, :, : n * p] = row
-            position_ids[i, :n] = navit_position_ids(h, w, self.vpm.num_patches_per_side)
-            patch_mask[i, :n] = True
-            pos[i, :n] = self.resampler.pos_embed(h, w)
-        return {"pixel_values": pixels, "position_ids": position_ids, "patch_mask": patch_mask, "pos": pos}
+    def vision_inputs(self, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]],
+                      pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Host-side inputs of the vision step for a batch of slices (see `vision_inputs` below)."""
+        return vision_inputs(pixel_values, tgt_sizes, self.config.slice.patch_size, self.vpm.num_patches_per_side,
+                             self.config.hidden_size, pad_to)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]],
@@ -68,10 +56,11 @@ class MiniCPMV(nn.Module):
         return torch.cat(out)
 
     def encode_batch(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_mask: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-        all_valid = bool(patch_mask.all())
-        features = self.vpm(pixel_values, position_ids, None if all_valid else patch_mask)
-        return self.resampler(features, pos, None if all_valid else ~patch_mask)
+                     pos_embed: torch.Tensor) -> torch.Tensor:
+        valid = patch_mask > 0.5
+        all_valid = bool(valid.all())
+        features = self.vpm(pixel_values, position_ids, None if all_valid else valid)
+        return self.resampler(features, pos_embed, None if all_valid else ~valid)
 
     # ----- text -----------------------------------------------------------------------------------------
 
@@ -98,3 +87,24 @@ class MiniCPMV(nn.Module):
                                  f"vision gives {feats.shape[0]}")
             emb[start:end] = feats.to(emb.dtype)
         return emb
+
+
+def vision_inputs(pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]], patch_size: int,
+                  num_patches_per_side: int, hidden_size: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch of patch rows to `pad_to` patches (default: the longest) with host-computed NaViT position
+    ids, a patch mask (1 = patch, 0 = padding) and the resampler's 2D position table."""
+    lengths = [h * w for h, w in tgt_sizes]
+    longest = pad_to or max(lengths)
+    if max(lengths) > longest:
+        raise ValueError(f"a slice has {max(lengths)} patches, more than the {longest} the vision step takes")
+    batch, p = len(pixel_values), patch_size
+    pixels = torch.zeros(batch, 3, p, longest * p)
+    position_ids = torch.zeros(batch, longest, dtype=torch.long)
+    patch_mask = torch.zeros(batch, longest)
+    pos = torch.zeros(batch, longest, hidden_size)
+    for i, (row, (h, w), n) in enumerate(zip(pixel_values, tgt_sizes, lengths, strict=True)):
+        pixels[i, :, :, : n * p] = row
+        position_ids[i, :n] = navit_position_ids(h, w, num_patches_per_side)
+        patch_mask[i, :n] = 1.0
+        pos[i, :n] = torch.from_numpy(pos_embed_2d(hidden_size, h, w))
+    return {"pixel_values": pixels, "position_ids": position_ids, "patch_mask": patch_mask, "pos_embed": pos}

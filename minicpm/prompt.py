@@ -118,8 +118,8 @@ class PromptBuilder:
             text += "\n".join(cell * cols for _ in range(rows))
         return text
 
-    def render(self, messages: list[dict], enable_thinking: bool = False) -> tuple[str, list]:
-        """Messages -> (template text with image tags, image items in order)."""
+    def _message_texts(self, messages: list[dict]) -> tuple[list[dict], list]:
+        """Messages -> [{"role", "content": text with image tags}], and the image items in order."""
         chat, images = [], []
         if not messages:
             raise UserError("no messages")
@@ -140,20 +140,51 @@ class PromptBuilder:
                 else:
                     raise UserError(f"unsupported message content item of type {type(item).__name__}")
             chat.append({"role": role, "content": "\n".join(parts)})
+        return chat, images
+
+    def _template(self, chat: list[dict], enable_thinking: bool, add_generation_prompt: bool = True) -> str:
         kwargs = {"enable_thinking": enable_thinking} if self.config.variant.thinking else {}
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
-        return text, images
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
+
+    def render(self, messages: list[dict], enable_thinking: bool = False) -> tuple[str, list]:
+        """Messages -> (template text with image tags, image items in order)."""
+        chat, images = self._message_texts(messages)
+        return self._template(chat, enable_thinking), images
 
     def build(self, messages: list[dict], max_slice_nums: int | None = None,
               enable_thinking: bool = False) -> Prompt:
         """Render, expand image tags, tokenize, and locate the placeholder spans."""
         text, raw_images = self.render(messages, enable_thinking)
+        return self._expand(text, raw_images, max_slice_nums, first_image=0, continuation=False)
+
+    def build_turn(self, messages: list[dict], first_image: int, max_slice_nums: int | None = None,
+                   enable_thinking: bool = False) -> Prompt:
+        """The tokens that continue a conversation whose KV cache ends with the last generated token.
+
+        The previous answer is closed with `<|im_end|>` (the stop token is never fed back), then the new
+        messages follow in ChatML (every supported variant's template) and the template's own generation
+        prompt (e.g. the empty think block of Qwen3 templates). Image ids continue from `first_image`.
+        """
+        chat, raw_images = self._message_texts(messages)
+        probe = [{"role": "user", "content": "x"}]
+        generation_prompt = self._template(probe, enable_thinking)[len(self._template(probe, enable_thinking,
+                                                                                      False)):]
+        body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat)
+        text = "<|im_end|>\n" + body + generation_prompt
+        return self._expand(text, raw_images, max_slice_nums, first_image, continuation=True)
+
+    def _expand(self, text: str, raw_images: list, max_slice_nums: int | None, first_image: int,
+                continuation: bool) -> Prompt:
         chunks = text.split(self.tag)
         if len(chunks) - 1 != len(raw_images):
             raise UserError(f"the text contains the reserved image tag {self.tag!r}")
         images = [process_image(im, self.config.slice, max_slice_nums=max_slice_nums) for im in raw_images]
-        final = chunks[0] + "".join(self.image_placeholder(im, i) + chunks[i + 1] for i, im in enumerate(images))
-        input_ids = [t for t in self.tokenizer.encode(final) if t not in self.dropped_ids]
+        final = chunks[0] + "".join(self.image_placeholder(im, first_image + i) + chunks[i + 1]
+                                    for i, im in enumerate(images))
+        # A continuation gets no BOS: it is appended to tokens already in the cache.
+        ids = self.tokenizer.encode(final, add_special_tokens=not continuation)
+        input_ids = [t for t in ids if t not in self.dropped_ids]
         return Prompt(input_ids, self.image_bounds(input_ids), images, final)
 
     def image_bounds(self, input_ids: list[int]) -> list[tuple[int, int]]:

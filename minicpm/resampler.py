@@ -27,11 +27,24 @@ def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
     return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=-1)
 
 
+_TABLES: dict[int, np.ndarray] = {}
+
+
+def pos_embed_2d(dim: int, tgt_h: int, tgt_w: int) -> np.ndarray:
+    """[h*w, dim] position table of one slice: the [:h, :w] corner of a 70 x 70 table grown on demand
+    (host data: the runtime computes it exactly as the resampler does)."""
+    table = _TABLES.get(dim)
+    if table is None or tgt_h > table.shape[0] or tgt_w > table.shape[1]:
+        rows, cols = (70, 70) if table is None else table.shape[:2]
+        table = _TABLES[dim] = sincos_2d(dim, max(tgt_h, rows), max(tgt_w, cols))
+    return np.ascontiguousarray(table[:tgt_h, :tgt_w].reshape(tgt_h * tgt_w, -1))
+
+
 class Resampler(nn.Module):
     """Parameter names follow upstream `resampler.*`; `pos_embed` is not stored in checkpoints."""
 
     def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, num_heads: int | None = None,
-                 temporal: bool = False, max_size: tuple[int, int] = (70, 70)):
+                 temporal: bool = False):
         super().__init__()
         self.num_queries = num_queries
         self.embed_dim = embed_dim
@@ -44,14 +57,10 @@ class Resampler(nn.Module):
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Parameter(embed_dim**-0.5 * torch.randn(embed_dim, embed_dim))
-        self._table = sincos_2d(embed_dim, *max_size)
 
     def pos_embed(self, tgt_h: int, tgt_w: int) -> torch.Tensor:
-        """[h*w, D] position table of one slice: the [:h, :w] corner, grown on demand."""
-        if tgt_h > self._table.shape[0] or tgt_w > self._table.shape[1]:
-            self._table = sincos_2d(self.embed_dim, max(tgt_h, self._table.shape[0]),
-                                    max(tgt_w, self._table.shape[1]))
-        return torch.from_numpy(np.ascontiguousarray(self._table[:tgt_h, :tgt_w].reshape(tgt_h * tgt_w, -1)))
+        """[h*w, D] position table of one slice (see `pos_embed_2d`)."""
+        return torch.from_numpy(pos_embed_2d(self.embed_dim, tgt_h, tgt_w))
 
     def temporal_embed(self, temporal_id: int) -> torch.Tensor:
         return torch.from_numpy(sincos_1d(self.embed_dim, np.asarray([temporal_id], dtype=np.float32))[0])

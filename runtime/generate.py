@@ -1,7 +1,9 @@
 """`python -m runtime.generate`: answer a prompt (with images) and stream the text as it is produced.
 
-`--backend torch` runs the eager PyTorch reference. With `--json`, one JSON object
-{"token_ids", "text", "stats"} is printed instead of the streamed text.
+`--model M --backend torch` runs the eager PyTorch reference on a checkpoint. `--artifacts DIR` runs an
+export directory through the device schedule (`runtime.session`) on `--backend onnxruntime` (default) or
+`torch` (the eager modules of the same split). With `--json`, one JSON object {"token_ids", "text", "stats"}
+is printed instead of the streamed text.
 """
 
 from __future__ import annotations
@@ -11,17 +13,10 @@ import json
 import sys
 
 from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
 from minicpm.generation import generate
-from runtime.cli import (
-    add_model_argument,
-    add_prompt_arguments,
-    add_sampling_arguments,
-    messages_from_args,
-    run,
-    sampling_from_args,
-)
-
-BACKENDS = ("torch",)
+from runtime.backends import BACKENDS
+from runtime.cli import add_prompt_arguments, add_sampling_arguments, messages_from_args, run, sampling_from_args
 
 
 def format_stats(stats: dict) -> str:
@@ -29,29 +24,45 @@ def format_stats(stats: dict) -> str:
             f"vision {stats['vision_ms']:.1f} ms ({stats['vision_ms_per_slice']:.1f} ms/slice), "
             f"prefill {stats['prefill_ms']:.1f} ms ({stats['prefill_tok_s']:.1f} tok/s), "
             f"first token {stats['time_to_first_token_ms']:.1f} ms, "
-            f"decode {stats['new_tokens']} tokens {stats['decode_ms']:.1f} ms ({stats['decode_tok_s']:.1f} tok/s)")
+            f"decode {stats['new_tokens']} tokens {stats['decode_ms']:.1f} ms ({stats['decode_tok_s']:.1f} tok/s)"
+            + (f", peak RSS {stats['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in stats else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__)
-    add_model_argument(parser)
-    parser.add_argument("--backend", default="torch", choices=BACKENDS)
-    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (torch backend)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint: directory, hub id, short name or tiny model (eager reference)")
+    source.add_argument("--artifacts", help="export directory with manifest.json")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="torch (default with --model) or onnxruntime (default with --artifacts)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (--model only)")
+    parser.add_argument("--on-context-full", choices=("error", "stop"),
+                        help="when the KV cache is full: fail (default) or end the answer (--artifacts)")
     add_prompt_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = parser.parse_args(argv)
     sampling = sampling_from_args(args)
-    ckpt = Checkpoint.open(args.model)
     messages = messages_from_args(args)
-    prompt = ckpt.prompts.build(messages, max_slice_nums=args.max_slice_nums, enable_thinking=args.thinking)
-    model, _ = ckpt.load_model(args.dtype)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = generate(model, prompt, ckpt.tokenizer, sampling, ckpt.stop_ids, None if args.json else stream)
+    on_text = None if args.json else stream
+    if args.artifacts:
+        from runtime.session import Session  # noqa: PLC0415
+
+        session = Session(args.artifacts, args.backend or "onnxruntime", on_context_full=args.on_context_full)
+        result = session.ask(messages, sampling, on_text, args.max_slice_nums, args.thinking)
+    else:
+        if (args.backend or "torch") != "torch":
+            raise UserError("--model runs the eager torch reference; export first and use --artifacts DIR "
+                            f"for --backend {args.backend}")
+        ckpt = Checkpoint.open(args.model)
+        prompt = ckpt.prompts.build(messages, max_slice_nums=args.max_slice_nums, enable_thinking=args.thinking)
+        model, _ = ckpt.load_model(args.dtype)
+        result = generate(model, prompt, ckpt.tokenizer, sampling, ckpt.stop_ids, on_text)
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats}))
     else:

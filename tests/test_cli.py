@@ -66,6 +66,8 @@ def test_errors_are_one_line(tmp_path, capsys):
         (generate, "--model", "tiny-minicpm-v-4", "--prompt", "x", "--greedy", "--temperature", "1"),
         (generate, "--model", "tiny-minicpm-v-4", "--prompt", "x", "--max-new-tokens", "0"),
         (generate, "--model", str(tmp_path), "--prompt", "x"),
+        (generate, "--model", "tiny-minicpm-v-4", "--backend", "onnxruntime", "--prompt", "x"),
+        (generate, "--artifacts", str(tmp_path), "--prompt", "x"),
     ]
     for module, *args in cases:
         capsys.readouterr()

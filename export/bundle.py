@@ -1,0 +1,172 @@
+"""What every exporter shares: arguments, the staged output directory, model-side files, the token
+embedding table, the manifest and the final summary table. Format-specific code stays in its exporter."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minicpm.checkpoint import Checkpoint
+from minicpm.modeling import MiniCPMV
+from minicpm.prompt import SpecialTokens
+from minicpm.split import token_embedding_table
+from runtime.manifest import SCHEMA_VERSION, sha256_file
+
+# Covers every slice and source image for aspect ratios up to 1:20 (measured over 16..4000 px sizes);
+# 1024 would not: a 640x480 photo's source image is 37 x 28 = 1036 patches.
+DEFAULT_MAX_PATCHES = 1088
+MODEL_FILES = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+               "chat_template.jinja", "tokenizer.model"]
+TOKENIZER_FILES = MODEL_FILES[3:]
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, short name or tiny model")
+    parser.add_argument("--out", required=True, help="output directory (replaced when the export succeeds)")
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill call (default 128)")
+    parser.add_argument("--max-context", type=int, default=4096, help="KV cache length (default 4096)")
+    parser.add_argument("--max-slice-nums", type=int, help="slices per image (default: the checkpoint's)")
+    parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES,
+                        help=f"patch row length of the vision graph (default {DEFAULT_MAX_PATCHES})")
+
+
+def check_export_arguments(args: argparse.Namespace) -> None:
+    from minicpm.errors import UserError  # noqa: PLC0415
+
+    if args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.max_context < args.prefill_chunk + 1:
+        raise UserError(f"--max-context ({args.max_context}) must exceed --prefill-chunk ({args.prefill_chunk})")
+    if args.max_patches < 1:
+        raise UserError(f"--max-patches must be >= 1, got {args.max_patches}")
+    if args.max_slice_nums is not None and args.max_slice_nums < 1:
+        raise UserError(f"--max-slice-nums must be >= 1, got {args.max_slice_nums}")
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Write into a temporary sibling of `out`; it replaces `out` only when the block completes."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_entry(root: Path, relative: str) -> dict:
+    path = root / relative
+    return {"path": relative, "sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def copy_model_files(ckpt: Checkpoint, dest: Path) -> list[dict]:
+    """config, generation/preprocessor configs and tokenizer files, so the runtime needs nothing else."""
+    copied = []
+    for name in MODEL_FILES:
+        src = ckpt.path / name
+        if src.is_file():
+            shutil.copy(src, dest / name)
+            copied.append(file_entry(dest, name))
+    return copied
+
+
+def write_embedding_table(model: MiniCPMV, dest: Path, dtype: torch.dtype) -> dict:
+    """Raw little-endian [V, H] table (mmap-able from Swift without a parser)."""
+    table = token_embedding_table(model).to(dtype).contiguous().numpy()
+    name = "token_embedding.bin"
+    table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(dest / name)
+    return {**file_entry(dest, name), "format": "raw", "dtype": str(table.dtype), "shape": list(table.shape)}
+
+
+def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str, artifacts: dict,
+                   files: list[dict], args: argparse.Namespace, dtype: str, parity: dict,
+                   quantization: dict | None = None, steps: dict | None = None) -> dict:
+    cfg = ckpt.config
+    llm = cfg.llm
+    head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
+    layers, kv_heads = llm.num_hidden_layers, llm.num_key_value_heads
+    special = SpecialTokens.from_dir(ckpt.path)
+    vocab = ckpt.tokenizer.get_vocab()
+    names = [*vars(special).values(), "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "<think>",
+             "</think>", "<|listen|>"]
+    gen = ckpt.generation_config
+    sampling = {"greedy": not gen.get("do_sample", False), "temperature": gen.get("temperature", 1.0),
+                "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generator": "minicpm-mobile 0.1.0",
+        "format": fmt,
+        "model": {"name": model_name, "source": str(ckpt.path), "variant": cfg.variant.name,
+                  "version": cfg.variant.version, "hidden_size": cfg.hidden_size, "vocab_size": llm.vocab_size,
+                  "num_layers": layers, "dtype": dtype},
+        "artifacts": artifacts,
+        "files": files,
+        "tokenizer": {
+            "files": [f["path"] for f in files if f["path"] in TOKENIZER_FILES],
+            "chat_template": ckpt.tokenizer.chat_template,
+            "special_tokens": {t: vocab[t] for t in names if t in vocab},
+            "stop_ids": ckpt.stop_ids,
+        },
+        "preprocessing": {
+            "patch_size": cfg.slice.patch_size, "scale_resolution": cfg.slice.scale_resolution,
+            "max_slice_nums": args.max_slice_nums or cfg.slice.max_slice_nums, "slice_mode": cfg.slice.slice_mode,
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "query_num": cfg.query_num,
+            "use_image_id": cfg.use_image_id, "image_tag": ckpt.prompts.tag, "max_patches": args.max_patches,
+            "num_patches_per_side": model.vpm.num_patches_per_side,
+        },
+        "schedule": {
+            "prefill_chunk": args.prefill_chunk,
+            "max_context": args.max_context,
+            "on_context_full": "error",
+            "kv_cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+                         "shape": [layers, kv_heads, args.max_context, head_dim], "dtype": dtype},
+            # upstream scales prompt text embeddings by scale_emb (when the config has it), never decode steps
+            "prompt_embedding_scale": float(cfg.scale_emb) if cfg.scale_emb is not None else 1.0,
+            "generated_embedding_scale": 1.0,
+            "steps": steps or {"vision": {"artifact": "vision"},
+                               "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
+                               "decode": {"artifact": "llm", "tokens": 1}},
+            "default_sampling": sampling,
+        },
+        "quantization": quantization or {"method": "none", "bits": None, "group_size": None, "symmetric": None},
+        "parity": parity,
+    }
+
+
+def print_summary(title: str, rows: list[tuple[str, int, float | None, float]]) -> None:
+    """rows: (artifact, size in bytes, max abs error vs torch or None, seconds)."""
+    print(f"\n{title}")
+    print(f"{'artifact':<28}{'size':>12}{'max |err|':>14}{'time':>10}")
+    for name, size, err, seconds in rows:
+        err_s = f"{err:.2e}" if err is not None else "-"
+        print(f"{name:<28}{_human(size):>12}{err_s:>14}{seconds:>9.1f}s")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def max_abs_error(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))

@@ -1,0 +1,207 @@
+"""`python -m export.onnx`: the vision step and the LLM step as ONNX graphs, plus the manifest.
+
+Two graphs, shared by every phase of the schedule:
+- `vision.onnx`: [batch] fixed-length patch rows -> [batch, query_num, H] (batch is dynamic);
+- `llm.onnx`: T new embeddings + the whole KV cache -> last logits + new K/V (T is dynamic: prefill calls
+  use T = prefill chunk, decode calls T = 1, so the weights are stored once).
+The token embedding table is a raw file the host indexes. Opset 18, IR 10 (onnxruntime 1.31 reads <= 13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.bundle import (
+    add_export_arguments,
+    build_manifest,
+    check_export_arguments,
+    copy_model_files,
+    file_entry,
+    max_abs_error,
+    print_summary,
+    staged_directory,
+    write_embedding_table,
+)
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.split import LanguageModelStep, VisionStep
+from runtime.cli import run
+from runtime.manifest import write_manifest
+
+OPSET = 18
+IR_VERSION = 10
+VISION_IO = (["pixel_values", "position_ids", "patch_mask", "pos_embed"], ["features"])
+LLM_IO = (["inputs_embeds", "position_ids", "attention_mask", "last_index", "past_keys", "past_values"],
+          ["logits", "new_keys", "new_values"])
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
+            dynamic_shapes: tuple) -> None:
+    import onnx  # noqa: PLC0415
+
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=names[0],
+                          output_names=names[1], dynamic_shapes=dynamic_shapes, external_data=True,
+                          verbose=False)
+    model = onnx.load(str(path), load_external_data=False)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save(model, str(path))
+
+
+class _quiet:
+    """Silence the exporter's progress chatter (our own progress bar says what is happening)."""
+
+    def __enter__(self):
+        names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo",
+                 "onnxscript")
+        self.loggers = [logging.getLogger(n) for n in names]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
+
+
+def _io_spec(path: Path) -> tuple[list[dict], list[dict]]:
+    """Input / output names, shapes (symbolic dims as strings) and dtypes, read back from the graph."""
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "shape": shape,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+        return out
+
+    return spec(graph.input), spec(graph.output)
+
+
+def _ort_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tuple[dict, float]:
+    """Trace the vision step, then measure onnxruntime against it on a real image's slices."""
+    from minicpm.image_processing import process_image  # noqa: PLC0415
+
+    step = VisionStep(model).eval()
+    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
+    slices = process_image(image, model.config.slice)
+    inputs = model.vision_inputs(slices.pixel_values[:2], slices.tgt_sizes[:2], pad_to=max_patches)
+    args = tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
+    batch = torch.export.Dim("batch", min=1, max=64)
+    path = out / "vision.onnx"
+    _export(step, args, path, VISION_IO, tuple({0: batch} for _ in args))
+    with torch.no_grad():
+        expected = step(*args).float().numpy()
+    got = _ort_run(path, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
+    return _artifact(out, path), max_abs_error(got, expected)
+
+
+def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype) -> tuple[dict, float]:
+    """Trace the LLM step with a dynamic token count; measure onnxruntime at T = chunk and T = 1."""
+    step = LanguageModelStep(model, max_context).eval()
+    hidden = model.config.hidden_size
+    shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
+    gen = torch.Generator().manual_seed(0)
+
+    def example(tokens: int, past: int):
+        mask = torch.full((1, 1, tokens, max_context + tokens), -1e30)
+        mask[..., :past] = 0
+        mask[..., max_context:] = torch.triu(torch.full((tokens, tokens), -1e30), 1)
+        return (torch.randn(1, tokens, hidden, generator=gen).to(dtype), torch.arange(past, past + tokens)[None],
+                mask.to(dtype), torch.tensor([tokens - 1]), torch.randn(shape, generator=gen).to(dtype),
+                torch.randn(shape, generator=gen).to(dtype))
+
+    tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    path = out / "llm.onnx"
+    trace_tokens = max(2, min(chunk, 8))  # length-1 examples get specialised
+    _export(step, example(trace_tokens, 3), path, LLM_IO,
+            ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None, None, None))
+    error = 0.0
+    for t, past in ((chunk, 5), (1, max_context - 1)):
+        args = example(t, past)
+        with torch.no_grad():
+            expected = [x.float().numpy() for x in step(*args)]
+        got = _ort_run(path, {n: a.numpy() for n, a in zip(LLM_IO[0], args, strict=True)})
+        error = max(error, *(max_abs_error(g, e) for g, e in zip(got, expected, strict=True)))
+    return _artifact(out, path), error
+
+
+def _artifact(out: Path, path: Path) -> dict:
+    inputs, outputs = _io_spec(path)
+    return {**file_entry(out, path.name), "format": "onnx", "inputs": inputs, "outputs": outputs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(parser)
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph and weight precision")
+    args = parser.parse_args(argv)
+    check_export_arguments(args)
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    steps = tqdm(total=5, desc="export.onnx", unit="step")
+    steps.set_postfix_str("loading checkpoint")
+    ckpt = Checkpoint.open(args.model)
+    model, _ = ckpt.load_model("float32")
+    model.to(dtype)
+    steps.update()
+    rows, parity, artifacts = [], {}, {}
+    with staged_directory(args.out) as out:
+        t = time.perf_counter()
+        steps.set_postfix_str("vision graph")
+        artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype)
+        rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"], time.perf_counter() - t))
+        steps.update()
+        t = time.perf_counter()
+        steps.set_postfix_str("llm graph")
+        try:
+            artifacts["llm"], parity["llm"] = export_llm(model, out, args.max_context, args.prefill_chunk, dtype)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        rows.append(("llm.onnx (+ .data)", _size(out, "llm.onnx"), parity["llm"], time.perf_counter() - t))
+        steps.update()
+        steps.set_postfix_str("embedding table, tokenizer")
+        t = time.perf_counter()
+        artifacts["token_embedding"] = write_embedding_table(model, out, dtype)
+        rows.append(("token_embedding.bin", artifacts["token_embedding"]["size"], None, time.perf_counter() - t))
+        files = copy_model_files(ckpt, out)
+        files += [file_entry(out, p.name) for p in sorted(out.glob("*.onnx.data"))]
+        steps.update()
+        steps.set_postfix_str("manifest")
+        manifest = build_manifest("onnx", ckpt, model, args.model, artifacts, files, args,
+                                  "float16" if args.dtype == "fp16" else "float32", parity)
+        write_manifest(out, manifest)
+        steps.update()
+    steps.close()
+    print_summary(f"ONNX export of {ckpt.config.variant.name} -> {args.out}", rows)
+    return 0
+
+
+def _size(out: Path, name: str) -> int:
+    return sum(p.stat().st_size for p in out.glob(f"{name}*"))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,102 @@
+"""The device split: the torch modules every exporter traces and the runtime's torch backend runs.
+
+- `VisionStep`: a batch of fixed-size patch rows (one image or slice each) -> `query_num` x H features.
+  Position ids, the patch mask and the resampler position table are host inputs (no data-dependent Python).
+- `LanguageModelStep`: T new embeddings + the whole KV cache -> logits of one chosen position and the K/V
+  of the T new tokens. Positions, the additive attention mask and where the new K/V go are the host's
+  business, so one graph serves chunked prefill (T = chunk) and decode (T = 1).
+- The token embedding is a table the host indexes (see `token_embedding_table`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from minicpm.modeling import MiniCPMV
+
+
+class VisionStep(nn.Module):
+    """pixel_values [B,3,p,P*p], position_ids [B,P] int64, patch_mask [B,P] (1 = patch, 0 = padding),
+    pos_embed [B,P,H] -> features [B, query_num, H]."""
+
+    def __init__(self, model: MiniCPMV):
+        super().__init__()
+        self.vpm = model.vpm
+        self.resampler = model.resampler
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_mask: torch.Tensor,
+                pos_embed: torch.Tensor) -> torch.Tensor:
+        valid = patch_mask > 0.5
+        features = self.vpm(pixel_values, position_ids, valid)
+        return self.resampler(features, pos_embed, ~valid)
+
+
+class LanguageModelStep(nn.Module):
+    """One LLM call of the device schedule.
+
+    inputs_embeds [1,T,H], position_ids [1,T] int64, attention_mask [1,1,T,C+T] additive (keys: the C cache
+    slots, then the T new tokens), last_index [1] int64 (which of the T rows gives logits),
+    past_keys / past_values [L,kv_heads,C,head_dim] -> logits [1,V], new_keys / new_values [L,kv_heads,T,head_dim].
+    """
+
+    def __init__(self, model: MiniCPMV, max_context: int):
+        super().__init__()
+        llm = model.llm
+        cfg = llm.config
+        self.layers = llm.model.layers
+        self.norm = llm.model.norm
+        self.lm_head = llm.lm_head
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        original = (getattr(cfg, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+        if original and max_context > original:
+            raise ValueError(f"max_context {max_context} exceeds the rope table's original context {original}")
+        # cos/sin for every position, computed once by the model's own rotary embedding (LongRoPE included).
+        positions = torch.arange(max_context)[None]
+        dtype = llm.model.embed_tokens.weight.dtype
+        cos, sin = llm.model.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+        self.register_buffer("rope_cos", cos[0].float(), persistent=False)
+        self.register_buffer("rope_sin", sin[0].float(), persistent=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_index: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = inputs_embeds
+        dtype = hidden.dtype
+        cos = self.rope_cos[position_ids].to(dtype)
+        sin = self.rope_sin[position_ids].to(dtype)
+        batch, tokens = hidden.shape[:2]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, tokens, -1, self.head_dim)
+            k = attn.k_proj(x).view(batch, tokens, -1, self.head_dim)
+            v = attn.v_proj(x).view(batch, tokens, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            new_keys.append(k[0])
+            new_values.append(v[0])
+            keys = torch.cat([past_keys[i : i + 1].to(dtype), k], dim=2)
+            values = torch.cat([past_values[i : i + 1].to(dtype), v], dim=2)
+            keys = keys.repeat_interleave(self.groups, dim=1)
+            values = values.repeat_interleave(self.groups, dim=1)
+            scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + attention_mask
+            probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+            out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, tokens, -1)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = torch.index_select(self.norm(hidden), 1, last_index)
+        logits = self.lm_head(last)[:, 0]
+        return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+def token_embedding_table(model: MiniCPMV) -> torch.Tensor:
+    """[V, H] table the host indexes. Kept out of the graphs: a lookup is a memcpy on every device, and the
+    host must apply upstream's embedding scale to prompt tokens only (see manifest schedule)."""
+    return model.llm.model.embed_tokens.weight.detach()

@@ -1,0 +1,86 @@
+"""manifest.json: read, validate, and verify before anything runs; written by every exporter.
+
+The manifest describes the artifacts (paths inside the export directory, sha256, inputs and outputs), the
+tokenizer, the preprocessing and the schedule (prefill chunk, context, KV layout, embedding scales, default
+sampling). Every write and every read validates against `manifest.schema.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+
+from minicpm.errors import UserError
+
+SCHEMA_VERSION = 1
+SCHEMA = json.loads((Path(__file__).parent / "manifest.schema.json").read_text())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validate(manifest: dict) -> None:
+    """Schema check with one readable line on failure."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"manifest schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    try:
+        jsonschema.validate(manifest, SCHEMA)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise UserError(f"manifest.json is invalid at {where}: {e.message}") from None
+
+
+def safe_path(root: Path, relative: str) -> Path:
+    """`root/relative`, refusing absolute paths and anything that resolves outside `root`."""
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise UserError(f"manifest path {relative!r} is absolute; artifact paths must stay inside the export directory")
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise UserError(f"manifest path {relative!r} escapes the export directory")
+    return target
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
+    validate(manifest)
+    path = Path(directory) / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
+    """Load and validate `directory/manifest.json`; with `verify`, check every listed file's sha256."""
+    root = Path(directory)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{root}: no manifest.json (not an export directory)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    validate(manifest)
+    entries = [(name, a) for name, a in manifest["artifacts"].items()]
+    entries += [(f["path"], f) for f in manifest["files"]]
+    for name, entry in entries:
+        target = safe_path(root, entry["path"])
+        if not target.is_file():
+            raise UserError(f"{root}: artifact {name!r} is missing ({entry['path']})")
+        if verify and sha256_file(target) != entry["sha256"]:
+            raise UserError(f"{root}: artifact {name!r} ({entry['path']}) does not match its sha256 in manifest.json "
+                            "(modified or corrupt)")
+    return manifest
+
+
+def artifact_path(directory: str | os.PathLike, manifest: dict, name: str) -> Path:
+    return safe_path(Path(directory), manifest["artifacts"][name]["path"])

@@ -1,0 +1,201 @@
+"""The device schedule, run by the host: the reference the Swift runtime mirrors.
+
+One conversation = one KV cache of `max_context` slots. A turn: preprocess (slices, prompt ids), vision per
+batch of slices, embedding lookup + scatter of vision features, chunked prefill of the new tokens only,
+then token-by-token decode with sampling and streaming. Follow-up turns reuse the cache.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer
+from minicpm.modeling import vision_inputs
+from minicpm.prompt import Prompt
+from runtime.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend
+from runtime.manifest import artifact_path, read_manifest
+
+VISION_BATCH = 8  # slices per vision call: bounds activation memory, amortises graph overhead
+NEG_INF = np.float32(-1e30)  # additive mask value; finite so fully masked pad rows never produce NaN
+
+
+class ContextFull(UserError):
+    """The conversation no longer fits in the KV cache."""
+
+
+class Session:
+    """Loads an export directory (verifying every hash first) and runs conversations on a backend."""
+
+    def __init__(self, directory: str | Path, backend: str = "onnxruntime", on_context_full: str | None = None,
+                 threads: int | None = None):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)  # schema, paths and hashes checked before anything runs
+        self.checkpoint = Checkpoint.open(self.directory)  # config and tokenizer files copied by the exporter
+        schedule, pre = self.manifest["schedule"], self.manifest["preprocessing"]
+        self.chunk = schedule["prefill_chunk"]
+        self.max_context = schedule["max_context"]
+        self.max_patches = pre["max_patches"]
+        self.on_context_full = on_context_full or schedule["on_context_full"]
+        if self.on_context_full not in ("error", "stop"):
+            raise UserError(f"on_context_full must be 'error' or 'stop', got {self.on_context_full!r}")
+        table = self.manifest["artifacts"]["token_embedding"]
+        self.table = np.memmap(artifact_path(self.directory, self.manifest, "token_embedding"),
+                               dtype=np.dtype(table["dtype"]).newbyteorder("<"), mode="r", shape=tuple(table["shape"]))
+        self.dtype = np.float16 if self.manifest["model"]["dtype"] == "float16" else np.float32
+        if backend == "torch":
+            source = self.manifest["model"].get("source", "")
+            self.backend = TorchBackend(source, self.max_context)
+        else:
+            self.backend = OnnxRuntimeBackend(artifact_path(self.directory, self.manifest, "vision"),
+                                              artifact_path(self.directory, self.manifest, "llm"), threads)
+        self.reset()
+
+    # ----- conversation state --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation: empty cache, no history."""
+        kv = self.manifest["schedule"]["kv_cache"]
+        self.keys = np.zeros(kv["shape"], dtype=self.dtype)
+        self.values = np.zeros(kv["shape"], dtype=self.dtype)
+        self.cache_len = 0  # filled KV slots
+        self.history = Prompt([], [], [])  # the tokens in those slots, with their image spans and images
+        self.pending: list[int] = []  # a generated token not fed yet (an answer cut by max_new_tokens)
+
+    def _append_history(self, turn: Prompt) -> None:
+        offset = len(self.history.input_ids)
+        self.history.input_ids.extend(turn.input_ids)
+        self.history.image_bounds.extend((s + offset, e + offset) for s, e in turn.image_bounds)
+        self.history.images.extend(turn.images)
+
+    # ----- one turn --------------------------------------------------------------------------------------
+
+    def ask(self, messages: list[dict], sampling: SamplingConfig, on_text: Callable[[str], None] | None = None,
+            max_slice_nums: int | None = None, enable_thinking: bool = False) -> GenerationResult:
+        """Add `messages` (the new turn) to the conversation and generate the answer."""
+        max_slices = max_slice_nums or self.manifest["preprocessing"]["max_slice_nums"]
+        prompts = self.checkpoint.prompts
+        if self.cache_len == 0 and not self.pending:
+            turn = prompts.build(messages, max_slice_nums=max_slices, enable_thinking=enable_thinking)
+        else:
+            turn = prompts.build_turn(messages, len(self.history.images), max_slice_nums=max_slices,
+                                      enable_thinking=enable_thinking)
+            turn = Prompt(self.pending + turn.input_ids,
+                          [(s + len(self.pending), e + len(self.pending)) for s, e in turn.image_bounds],
+                          turn.images, turn.text)
+        needed = self.cache_len + len(turn.input_ids)
+        if needed > self.max_context:
+            raise ContextFull(f"context full: the conversation needs {needed} tokens before answering, the export "
+                              f"holds {self.max_context} (/reset, or re-export with a larger --max-context)")
+        t0 = time.perf_counter()
+        features = self._vision(turn)
+        t_vision = time.perf_counter()
+        embeds = self._embed(turn.input_ids, self.manifest["schedule"]["prompt_embedding_scale"])
+        embeds[: len(self.pending)] = self._embed(self.pending, self.manifest["schedule"]["generated_embedding_scale"])
+        for (start, end), feats in zip(turn.image_bounds, features, strict=True):
+            embeds[start:end] = feats
+        logits = self._prefill(embeds)
+        self._append_history(turn)
+        self.pending = []
+        t_prefill = time.perf_counter()
+
+        sampler, streamer = Sampler(sampling), TextStreamer(self.checkpoint.tokenizer, on_text)
+        stop, generated, finish = set(self.manifest["tokenizer"]["stop_ids"]), [], "length"
+        while True:
+            token = sampler(torch.from_numpy(logits), generated)
+            if token in stop:  # never fed: the next turn closes the answer with <|im_end|>
+                finish = "stop"
+                break
+            generated.append(token)
+            streamer.put(token)
+            if len(generated) >= sampling.max_new_tokens:
+                self.pending = [token]
+                break
+            if self.cache_len >= self.max_context:
+                if self.on_context_full == "stop":
+                    self.pending, finish = [token], "context_full"
+                    break
+                raise ContextFull(f"context full after {len(generated)} new tokens ({self.max_context} slots): "
+                                  "/reset, or re-export with a larger --max-context")
+            logits = self._run_llm(self._embed([token], self.manifest["schedule"]["generated_embedding_scale"]), 1)
+            self._append_history(Prompt([token], [], []))
+        t_end = time.perf_counter()
+        text = streamer.end()
+        slices = len(turn.pixel_values)
+        decode_s = t_end - t_prefill
+        stats = {
+            "prompt_tokens": len(turn.input_ids), "new_tokens": len(generated), "images": len(turn.images),
+            "slices": slices, "context_tokens": self.cache_len, "finish_reason": finish,
+            "vision_ms": round((t_vision - t0) * 1000, 2),
+            "vision_ms_per_slice": round((t_vision - t0) * 1000 / slices, 2) if slices else 0.0,
+            "prefill_ms": round((t_prefill - t_vision) * 1000, 2),
+            "time_to_first_token_ms": round((t_prefill - t0) * 1000, 2),
+            "prefill_tok_s": round(len(turn.input_ids) / max(t_prefill - t_vision, 1e-9), 2),
+            "decode_ms": round(decode_s * 1000, 2),
+            "decode_tok_s": round(max(len(generated) - 1, 0) / decode_s, 2) if decode_s > 0 else 0.0,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "backend": self.backend.name,
+        }
+        return GenerationResult(generated, text, stats)
+
+    # ----- steps -----------------------------------------------------------------------------------------
+
+    def _vision(self, turn: Prompt) -> list[np.ndarray]:
+        rows, sizes = turn.pixel_values, turn.tgt_sizes
+        too_big = [h * w for h, w in sizes if h * w > self.max_patches]
+        if too_big:
+            raise UserError(f"a slice has {max(too_big)} patches but this export's vision graph takes "
+                            f"{self.max_patches} (re-export with --max-patches {max(too_big)} or use fewer "
+                            "slices for such extreme aspect ratios)")
+        pre = self.manifest["preprocessing"]
+        out = []
+        for start in range(0, len(rows), VISION_BATCH):
+            batch = vision_inputs(rows[start:start + VISION_BATCH], sizes[start:start + VISION_BATCH],
+                                  pre["patch_size"], pre["num_patches_per_side"], self.manifest["model"]["hidden_size"],
+                                  pad_to=self.max_patches)
+            inputs = {k: v.numpy() for k, v in batch.items()}
+            for k in ("pixel_values", "pos_embed"):
+                inputs[k] = inputs[k].astype(self.dtype)
+            inputs["patch_mask"] = inputs["patch_mask"].astype(self.dtype)
+            out.extend(self.backend.vision(**inputs).astype(np.float32))
+        return out
+
+    def _prefill(self, embeds: np.ndarray) -> np.ndarray:
+        """Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token."""
+        logits = None
+        for start in range(0, len(embeds), self.chunk):
+            part = embeds[start:start + self.chunk]
+            logits = self._run_llm(part, self.chunk)
+        return logits
+
+    def _embed(self, ids: list[int], scale: float) -> np.ndarray:
+        return (self.table[np.asarray(ids, dtype=np.int64)].astype(np.float32) * scale).astype(np.float32)
+
+    def _run_llm(self, embeds: np.ndarray, width: int) -> np.ndarray:
+        """One graph call on `len(embeds)` new tokens padded to `width`; writes their K/V into the cache."""
+        n, past, ctx = len(embeds), self.cache_len, self.max_context
+        hidden = embeds.shape[1]
+        x = np.zeros((1, width, hidden), dtype=self.dtype)
+        x[0, :n] = embeds
+        positions = np.minimum(np.arange(past, past + width), ctx - 1).astype(np.int64)[None]
+        mask = np.full((1, 1, width, ctx + width), NEG_INF, dtype=np.float32)
+        mask[0, 0, :, :past] = 0.0  # every new row sees the filled cache slots
+        causal = np.triu(np.full((width, width), NEG_INF, dtype=np.float32), 1)
+        mask[0, 0, :, ctx:] = causal  # and the new tokens up to itself (pad rows too: no empty rows)
+        mask[0, 0, n:, :past] = NEG_INF
+        logits, new_keys, new_values = self.backend.llm(
+            inputs_embeds=x, position_ids=positions, attention_mask=mask.astype(self.dtype),
+            last_index=np.asarray([n - 1], dtype=np.int64), past_keys=self.keys, past_values=self.values)
+        self.keys[:, :, past:past + n] = new_keys[:, :, :n]
+        self.values[:, :, past:past + n] = new_values[:, :, :n]
+        self.cache_len = past + n
+        return logits[0].astype(np.float32)
