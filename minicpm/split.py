@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -65,12 +67,28 @@ class LanguageModelStep(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 last_index: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_keys, new_values = [], []
+
+        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            new_keys.append(k[0])
+            new_values.append(v[0])
+            return (torch.cat([past_keys[i : i + 1].to(k.dtype), k], dim=2),
+                    torch.cat([past_values[i : i + 1].to(v.dtype), v], dim=2))
+
+        logits = self.run_layers(inputs_embeds, position_ids, attention_mask, last_index, attend_over)
+        return logits, torch.stack(new_keys), torch.stack(new_values)
+
+    def run_layers(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   last_index: torch.Tensor, attend_over: Callable[[int, torch.Tensor, torch.Tensor],
+                                                                   tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The decoder stack. `attend_over(layer, k, v)` gets the new tokens' rotated keys and values
+        [1, kv_heads, T, head_dim] and returns the keys/values to attend over, matching the mask's last axis
+        (here: cache then new tokens; a stateful exporter writes its cache buffer and returns it)."""
         hidden = inputs_embeds
         dtype = hidden.dtype
         cos = self.rope_cos[position_ids].to(dtype)
         sin = self.rope_sin[position_ids].to(dtype)
         batch, tokens = hidden.shape[:2]
-        new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -80,10 +98,7 @@ class LanguageModelStep(nn.Module):
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            new_keys.append(k[0])
-            new_values.append(v[0])
-            keys = torch.cat([past_keys[i : i + 1].to(dtype), k], dim=2)
-            values = torch.cat([past_values[i : i + 1].to(dtype), v], dim=2)
+            keys, values = attend_over(i, k, v)
             keys = keys.repeat_interleave(self.groups, dim=1)
             values = values.repeat_interleave(self.groups, dim=1)
             scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + attention_mask
@@ -92,8 +107,7 @@ class LanguageModelStep(nn.Module):
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = torch.index_select(self.norm(hidden), 1, last_index)
-        logits = self.lm_head(last)[:, 0]
-        return logits, torch.stack(new_keys), torch.stack(new_values)
+        return self.lm_head(last)[:, 0]
 
 
 def token_embedding_table(model: MiniCPMV) -> torch.Tensor:

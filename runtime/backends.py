@@ -4,6 +4,8 @@ A backend takes and returns numpy arrays named as in the manifest:
 - `vision(pixel_values, position_ids, patch_mask, pos_embed) -> features`
 - `llm(inputs_embeds, position_ids, attention_mask, last_index, past_keys, past_values)
    -> (logits, new_keys, new_values)`
+A backend whose graph keeps the KV cache as state sets `owns_cache = True`: it gets the same inputs (with
+empty past_keys / past_values), writes the new K/V itself, returns (logits, None, None) and has `reset()`.
 """
 
 from __future__ import annotations

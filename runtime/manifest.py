@@ -38,6 +38,9 @@ def validate(manifest: dict) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise UserError(f"manifest.json is invalid at {where}: {e.message}") from None
+    for step, spec in manifest["schedule"]["steps"].items():
+        if spec["artifact"] not in manifest["artifacts"]:
+            raise UserError(f"manifest.json: schedule step {step!r} names unknown artifact {spec['artifact']!r}")
 
 
 def safe_path(root: Path, relative: str) -> Path:

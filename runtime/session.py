@@ -65,8 +65,12 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation: empty cache, no history."""
         kv = self.manifest["schedule"]["kv_cache"]
-        self.keys = np.zeros(kv["shape"], dtype=self.dtype)
-        self.values = np.zeros(kv["shape"], dtype=self.dtype)
+        # Backends whose graphs keep the cache as state (Core ML, ExecuTorch) reset it themselves.
+        shape = (0,) if getattr(self.backend, "owns_cache", False) else kv["shape"]
+        self.keys = np.zeros(shape, dtype=self.dtype)
+        self.values = np.zeros(shape, dtype=self.dtype)
+        if hasattr(self.backend, "reset"):
+            self.backend.reset()
         self.cache_len = 0  # filled KV slots
         self.history = Prompt([], [], [])  # the tokens in those slots, with their image spans and images
         self.pending: list[int] = []  # a generated token not fed yet (an answer cut by max_new_tokens)
@@ -195,7 +199,8 @@ class Session:
         logits, new_keys, new_values = self.backend.llm(
             inputs_embeds=x, position_ids=positions, attention_mask=mask.astype(self.dtype),
             last_index=np.asarray([n - 1], dtype=np.int64), past_keys=self.keys, past_values=self.values)
-        self.keys[:, :, past:past + n] = new_keys[:, :, :n]
-        self.values[:, :, past:past + n] = new_values[:, :, :n]
+        if new_keys is not None:  # stateful backends wrote their own cache
+            self.keys[:, :, past:past + n] = new_keys[:, :, :n]
+            self.values[:, :, past:past + n] = new_values[:, :, :n]
         self.cache_len = past + n
         return logits[0].astype(np.float32)
