@@ -18,7 +18,7 @@ import torch
 
 from minicpm.errors import UserError
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime")  # each format's exporter issue adds its runtime here
 
 
 class TorchBackend:
@@ -66,3 +66,17 @@ class OnnxRuntimeBackend:
 
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.llm_session.run(None, inputs))
+
+
+def open_backend(name: str, directory: Path, manifest: dict, threads: int | None = None):
+    """The backend `name` for an export directory whose manifest has been verified."""
+    from runtime.manifest import artifact_path  # noqa: PLC0415
+
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "torch":
+        return TorchBackend(manifest["model"].get("source", ""), manifest["schedule"]["max_context"])
+    if manifest["format"] != "onnx":
+        raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
+    return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),
+                              threads)

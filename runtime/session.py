@@ -20,7 +20,7 @@ from minicpm.errors import UserError
 from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer
 from minicpm.modeling import vision_inputs
 from minicpm.prompt import Prompt
-from runtime.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend
+from runtime.backends import open_backend
 from runtime.manifest import artifact_path, read_manifest
 
 VISION_BATCH = 8  # slices per vision call: bounds activation memory, amortises graph overhead
@@ -36,8 +36,6 @@ class Session:
 
     def __init__(self, directory: str | Path, backend: str = "onnxruntime", on_context_full: str | None = None,
                  threads: int | None = None):
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)  # schema, paths and hashes checked before anything runs
         self.checkpoint = Checkpoint.open(self.directory)  # config and tokenizer files copied by the exporter
@@ -52,12 +50,7 @@ class Session:
         self.table = np.memmap(artifact_path(self.directory, self.manifest, "token_embedding"),
                                dtype=np.dtype(table["dtype"]).newbyteorder("<"), mode="r", shape=tuple(table["shape"]))
         self.dtype = np.float16 if self.manifest["model"]["dtype"] == "float16" else np.float32
-        if backend == "torch":
-            source = self.manifest["model"].get("source", "")
-            self.backend = TorchBackend(source, self.max_context)
-        else:
-            self.backend = OnnxRuntimeBackend(artifact_path(self.directory, self.manifest, "vision"),
-                                              artifact_path(self.directory, self.manifest, "llm"), threads)
+        self.backend = open_backend(backend, self.directory, self.manifest, threads)
         self.reset()
 
     # ----- conversation state --------------------------------------------------------------------------
