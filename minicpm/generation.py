@@ -112,7 +112,7 @@ def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase
              stop_ids: list[int], on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """Run the eager reference: vision per image/slice, one prefill of the prompt, then decode."""
     t0 = time.perf_counter()
-    vision = model.encode_images(prompt.pixel_values, prompt.tgt_sizes)
+    vision = model.encode(prompt.images)
     t_vision = time.perf_counter()
     ids = torch.tensor(prompt.input_ids)
     embeds = model.prompt_embeddings(ids, prompt.image_bounds, vision)

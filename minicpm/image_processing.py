@@ -215,6 +215,14 @@ class ImageInputs:
     sliced: SlicedImage
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # each [3, p, N*p]
     tgt_sizes: list[tuple[int, int]] = field(default_factory=list)  # each (rows, cols) of patches
+    # Video (3D resampler): the "slices" are frames of one group, resampled together into one span;
+    # one temporal id per frame in 0.1 s units, -1 for none.
+    temporal_ids: list[int] | None = None
+
+    @property
+    def spans(self) -> int:
+        """Placeholder spans in the prompt: one per slice, or one for a whole group of video frames."""
+        return 1 if self.temporal_ids is not None else len(self.pixel_values)
 
     def summary(self) -> dict:
         return {
@@ -223,6 +231,22 @@ class ImageInputs:
             "slice_sizes": [list(s) for s in self.sliced.slice_sizes],
             "tgt_sizes": [list(t) for t in self.tgt_sizes],
         }
+
+
+def process_video_group(frames: list, temporal_ids: list[int], config: SliceConfig,
+                        mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)
+                        ) -> ImageInputs:
+    """Frames of one temporal group (MiniCPM-V 4.5 video): each frame unsliced, resampled together."""
+    if not frames or len(frames) != len(temporal_ids):
+        raise UserError(f"a video group needs one temporal id per frame ({len(frames)} frames, "
+                        f"{len(temporal_ids)} ids)")
+    parts = [process_image(f, config, mean, std, max_slice_nums=1) for f in frames]
+    if len({p.tgt_sizes[0] for p in parts}) != 1:
+        raise UserError("frames of one video group must have the same size")
+    first = parts[0].sliced
+    group = SlicedImage(first.original_size, None, [p.sliced.images[0] for p in parts])
+    return ImageInputs(group, [p.pixel_values[0] for p in parts], [p.tgt_sizes[0] for p in parts],
+                       [int(t) for t in temporal_ids])
 
 
 def process_image(image, config: SliceConfig, mean: tuple[float, ...] = (0.5, 0.5, 0.5),

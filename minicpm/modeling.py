@@ -11,7 +11,8 @@ from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from minicpm.config import MiniCPMConfig
-from minicpm.image_processing import navit_position_ids
+from minicpm.errors import UserError
+from minicpm.image_processing import ImageInputs, navit_position_ids
 from minicpm.resampler import Resampler, pos_embed_2d
 from minicpm.vision_encoder import VisionEncoder
 
@@ -54,6 +55,34 @@ class MiniCPMV(nn.Module):
         if not out:
             return torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=self.dtype)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def encode(self, images: list[ImageInputs]) -> torch.Tensor:
+        """Features for every placeholder span of a prompt's images, in order: [spans, query_num, H]."""
+        flat = [im for im in images if im.temporal_ids is None]
+        sliced = iter(self.encode_images([pv for im in flat for pv in im.pixel_values],
+                                         [t for im in flat for t in im.tgt_sizes]))
+        out = []
+        for im in images:
+            if im.temporal_ids is None:
+                out.extend(next(sliced) for _ in im.pixel_values)
+            else:
+                out.append(self.encode_video_group(im)[0])
+        if not out:
+            return torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=self.dtype)
+        return torch.stack(out)
+
+    def encode_video_group(self, group: ImageInputs) -> torch.Tensor:
+        """One group of frames -> [1, query_num, H]: keys get the 2D position plus the frame's temporal one."""
+        if not self.resampler.temporal:
+            raise UserError(f"{self.config.variant.name} has no temporal resampler (video needs MiniCPM-V 4.5)")
+        inputs = self.vision_inputs(group.pixel_values, group.tgt_sizes)
+        for i, t in enumerate(group.temporal_ids):
+            if t >= 0:
+                inputs["pos_embed"][i] += self.resampler.temporal_embed(t)
+        valid = inputs["patch_mask"] > 0.5
+        features = self.vpm(inputs["pixel_values"], inputs["position_ids"], valid)
+        return self.resampler(features, inputs["pos_embed"], ~valid, frames=len(group.temporal_ids))
 
     def encode_batch(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_mask: torch.Tensor,
                      pos_embed: torch.Tensor) -> torch.Tensor:

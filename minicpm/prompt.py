@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2
 
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import UserError
-from minicpm.image_processing import ImageInputs, process_image
+from minicpm.image_processing import ImageInputs, process_image, process_video_group
 
 
 def image_tag(config: MiniCPMConfig) -> str:
@@ -65,6 +65,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+@dataclass
+class VideoGroup:
+    """Frames resampled together (MiniCPM-V 4.5): one placeholder span for the whole group."""
+
+    frames: list
+    temporal_ids: list[int]
+
+
+def video_groups(item: dict) -> list[VideoGroup]:
+    """{"type": "video", "frames": [...], "temporal_ids": [[t, ...], ...]} -> one group per inner list
+    (temporal ids in 0.1 s units, as upstream `chat(temporal_ids=...)`; consecutive frames per group)."""
+    frames, groups = list(item.get("frames") or []), item.get("temporal_ids") or []
+    if sum(len(g) for g in groups) != len(frames) or not frames:
+        raise UserError(f"video: {len(frames)} frames but temporal_ids cover {sum(len(g) for g in groups)}")
+    out, start = [], 0
+    for g in groups:
+        out.append(VideoGroup(frames[start:start + len(g)], list(g)))
+        start += len(g)
+    return out
+
+
 def is_image(item) -> bool:
     return isinstance(item, Image.Image | np.ndarray) or (isinstance(item, dict) and item.get("type") == "image")
 
@@ -80,6 +101,7 @@ class Prompt:
 
     @property
     def pixel_values(self) -> list[torch.Tensor]:
+        """Every slice (or video frame) in order."""
         return [pv for im in self.images for pv in im.pixel_values]
 
     @property
@@ -110,6 +132,8 @@ class PromptBuilder:
     def image_placeholder(self, image: ImageInputs, index: int) -> str:
         s, q = self.special, self.config.query_num
         text = s.im_start + s.unk * q + s.im_end
+        if image.temporal_ids is not None:  # a video group: no image id, no slices (upstream video chat)
+            return text
         if self.config.use_image_id:
             text = f"{s.im_id_start}{index}{s.im_id_end}" + text
         if image.sliced.grid is not None:
@@ -133,6 +157,10 @@ class PromptBuilder:
                 if is_image(item):
                     images.append(item["image"] if isinstance(item, dict) else item)
                     parts.append(self.tag)
+                elif isinstance(item, dict) and item.get("type") == "video":
+                    groups = video_groups(item)
+                    images.extend(groups)
+                    parts.extend(self.tag for _ in groups)
                 elif isinstance(item, dict) and item.get("type") == "text":
                     parts.append(item["text"])
                 elif isinstance(item, str):
@@ -179,7 +207,8 @@ class PromptBuilder:
         chunks = text.split(self.tag)
         if len(chunks) - 1 != len(raw_images):
             raise UserError(f"the text contains the reserved image tag {self.tag!r}")
-        images = [process_image(im, self.config.slice, max_slice_nums=max_slice_nums) for im in raw_images]
+        images = [process_video_group(im.frames, im.temporal_ids, self.config.slice) if isinstance(im, VideoGroup)
+                  else process_image(im, self.config.slice, max_slice_nums=max_slice_nums) for im in raw_images]
         final = chunks[0] + "".join(self.image_placeholder(im, first_image + i) + chunks[i + 1]
                                     for i, im in enumerate(images))
         # A continuation gets no BOS: it is appended to tokens already in the cache.

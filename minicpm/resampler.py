@@ -65,10 +65,19 @@ class Resampler(nn.Module):
     def temporal_embed(self, temporal_id: int) -> torch.Tensor:
         return torch.from_numpy(sincos_1d(self.embed_dim, np.asarray([temporal_id], dtype=np.float32))[0])
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """x [B, L, Dv] patch features, pos [B, L, D] key positions, mask [B, L] True = padding."""
-        x = self.ln_kv(self.kv_proj(x)).transpose(0, 1)  # L, B, D
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                frames: int = 1) -> torch.Tensor:
+        """x [B, L, Dv] patch features, pos [B, L, D] key positions (2D, plus temporal for video frames),
+        mask [B, L] True = padding. With `frames` > 1, each run of `frames` consecutive inputs is one video
+        group: their keys and values are concatenated and resampled into one output."""
+        x = self.ln_kv(self.kv_proj(x))
+        if frames > 1:
+            b, length = x.shape[:2]
+            x = x.reshape(b // frames, frames * length, -1)
+            pos = pos.reshape(b // frames, frames * length, -1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.reshape(b // frames, frames * length)
+        x = x.transpose(0, 1)  # L, B, D
         q = self.ln_q(self.query)[:, None, :].expand(-1, x.shape[1], -1)  # Q, B, D
         out = self.attn(q, x + pos.transpose(0, 1).to(x.dtype), x, key_padding_mask=key_padding_mask,
                         need_weights=False)[0]

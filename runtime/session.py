@@ -147,6 +147,9 @@ class Session:
     # ----- steps -----------------------------------------------------------------------------------------
 
     def _vision(self, turn: Prompt) -> list[np.ndarray]:
+        if any(im.temporal_ids is not None for im in turn.images):
+            raise UserError("video frame groups (3D resampler) are not in the exported vision graph yet; "
+                            "run them with the eager reference (--model)")
         rows, sizes = turn.pixel_values, turn.tgt_sizes
         too_big = [h * w for h, w in sizes if h * w > self.max_patches]
         if too_big:

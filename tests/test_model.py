@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
+from minicpm.errors import UserError
 from minicpm.generation import Sampler, SamplingConfig, generate
 from minicpm.image_processing import navit_position_ids, process_image
 from minicpm.resampler import sincos_2d
@@ -192,3 +193,50 @@ def test_repetition_penalty_changes_greedy_choice():
     logits = torch.tensor([2.0, 1.9, -1.0])
     assert Sampler(SamplingConfig())(logits, [0]) == 0
     assert Sampler(SamplingConfig(repetition_penalty=1.2))(logits, [0]) == 1
+
+
+# ----- video (MiniCPM-V 4.5 temporal resampler) ----------------------------------------------------------
+
+
+def _video(frames, groups):
+    return {"type": "video", "frames": frames, "temporal_ids": groups}
+
+
+def test_video_groups_become_one_span_each(tiny):
+    ckpt, model = tiny("tiny-minicpm-v-4.5")
+    frames = [noise_image(320, 240, i) for i in range(5)]
+    prompt = ckpt.prompts.build([{"role": "user", "content": [_video(frames, [[0, 3, 6], [9, 12]]), "What?"]}])
+    assert [im.temporal_ids for im in prompt.images] == [[0, 3, 6], [9, 12]]
+    assert len(prompt.image_bounds) == 2 and all(e - s == 64 for s, e in prompt.image_bounds)
+    assert "<image_id>" not in prompt.text  # upstream video chat runs with use_image_id=False
+    assert model.encode(prompt.images).shape == (2, 64, model.config.hidden_size)
+    out = generate(model, prompt, ckpt.tokenizer, SamplingConfig(max_new_tokens=4), stop_ids=[])
+    assert len(out.token_ids) == 4
+
+
+def test_temporal_resampler_semantics(tiny):
+    ckpt, model = tiny("tiny-minicpm-v-4.5")
+    frames = [noise_image(320, 240, i) for i in range(2)]
+
+    def encode(groups):
+        msgs = [{"role": "user", "content": [_video(frames[: sum(map(len, groups))], groups)]}]
+        return model.encode(ckpt.prompts.build(msgs).images)
+
+    single = encode([[-1]])  # one frame, no temporal id: the plain 2D resampler
+    image = ckpt.prompts.build([{"role": "user", "content": [frames[0]]}]).images[0]
+    plain = model.encode_images(image.pixel_values, image.tgt_sizes)
+    assert torch.allclose(single, plain, atol=1e-5)
+    assert not torch.allclose(encode([[0, 5]]), encode([[0, 50]]), atol=1e-4)  # temporal ids matter
+    # frames of a group attend jointly: not the same as resampling each frame alone
+    assert not torch.allclose(encode([[0, 5]])[0], encode([[0], [5]])[0], atol=1e-4)
+
+
+def test_video_errors(tiny):
+    ckpt, _ = tiny("tiny-minicpm-v-4.5")
+    frames = [noise_image(320, 240, i) for i in range(3)]
+    with pytest.raises(UserError, match="3 frames but temporal_ids cover 2"):
+        ckpt.prompts.build([{"role": "user", "content": [_video(frames, [[0, 1]])]}])
+    v4, model4 = tiny("tiny-minicpm-v-4")
+    prompt = v4.prompts.build([{"role": "user", "content": [_video(frames[:1], [[0]])]}])
+    with pytest.raises(UserError, match="no temporal resampler"):
+        model4.encode(prompt.images)
