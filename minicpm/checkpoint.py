@@ -26,6 +26,8 @@ from minicpm.prompt import PromptBuilder, SpecialTokens, load_tokenizer
 SHORT_NAMES = {v.hub_id.split("/")[1]: v.hub_id for v in VARIANTS}
 # Modules of the o-models that this package does not build (audio encoder and speech head come later).
 SKIPPED_PREFIXES = ("apm.", "audio_projection_layer.", "audio_avg_pooler.", "tts.")
+# Buffers some saved checkpoints carry that are recomputed here (position ranges, rotary frequencies).
+DERIVED_BUFFERS = re.compile(r"(^vpm\.embeddings\.position_ids$|\.rotary_emb\.inv_freq$|^resampler\.pos_embed$)")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
 
 
@@ -103,11 +105,14 @@ class LoadReport:
 
     def describe(self) -> str:
         parts = [f"{self.loaded} tensors loaded"]
-        parts += [f"skipped {n} {prefix}* tensors (not built here)" for prefix, n in self.skipped.items()]
+        parts += [f"skipped {n} {what}* tensors (not built here)" if what.endswith(".")
+                  else f"skipped {n} {what} (recomputed here)" for what, n in self.skipped.items()]
         return ", ".join(parts)
 
 
 def _skip_reason(key: str, config: MiniCPMConfig) -> str | None:
+    if DERIVED_BUFFERS.search(key):
+        return "derived buffers"
     for prefix in SKIPPED_PREFIXES:
         if key.startswith(prefix):
             return prefix

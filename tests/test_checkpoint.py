@@ -112,6 +112,17 @@ def test_audio_and_tts_weights_are_skipped_on_purpose(tiny_path):
     assert "skipped 3 tts.* tensors" in report.describe()
 
 
+def test_derived_buffers_in_a_checkpoint_are_skipped(v4_copy):
+    def add(s):
+        s["vpm.embeddings.position_ids"] = torch.arange(4900)[None]
+        s["llm.model.rotary_emb.inv_freq"] = torch.ones(64)
+
+    _edit_weights(v4_copy, add)
+    _, report = load_model(v4_copy)
+    assert report.skipped == {"derived buffers": 2}
+    assert "skipped 2 derived buffers (recomputed here)" in report.describe()
+
+
 def test_drop_vision_last_layer(v4_copy):
     _edit_config(v4_copy, drop_vision_last_layer=True)
     model, report = load_model(v4_copy)
