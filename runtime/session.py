@@ -193,7 +193,8 @@ class Session:
         mask[0, 0, :, ctx:] = causal  # and the new tokens up to itself (pad rows too: no empty rows)
         mask[0, 0, n:, :past] = NEG_INF
         logits, new_keys, new_values = self.backend.llm(
-            inputs_embeds=x, position_ids=positions, attention_mask=mask.astype(self.dtype),
+            inputs_embeds=x, position_ids=positions, attention_mask=np.maximum(mask, np.finfo(self.dtype).min)
+            .astype(self.dtype),
             last_index=np.asarray([n - 1], dtype=np.int64), past_keys=self.keys, past_values=self.values)
         if new_keys is not None:  # stateful backends wrote their own cache
             self.keys[:, :, past:past + n] = new_keys[:, :, :n]
