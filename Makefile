@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test bench lint clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Speed and memory of the schedule (export, TTFT, prefill/decode tok/s, peak RSS) on tiny and mid-size models.
+bench: venv
+	$(PY) -m runtime.bench
 
 lint: venv
 	$(VENV)/bin/ruff check .

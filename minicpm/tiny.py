@@ -102,8 +102,14 @@ def _tiny_configs() -> dict[str, dict]:
            "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMVConfig",
                         "AutoModel": "modeling_minicpmv.MiniCPMV"},
            **_qwen_llm(None, qwen3=False), **MULTIMODAL}
+    # For benchmarks: a V-4.0-shaped model at about 1/12 of the LLM and 1/7 of the vision tower, with the real
+    # vocabulary size (the head's cost is part of decode); the tiny tokenizer decodes ids it lacks to "".
+    mid = {**v4, "vocab_size": 73448, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+           "num_attention_heads": 8, "num_key_value_heads": 2,
+           "vision_config": {**VISION, "hidden_size": 384, "intermediate_size": 1536, "num_attention_heads": 6,
+                             "num_hidden_layers": 6}}
     return {"tiny-minicpm-v-4": v4, "tiny-minicpm-v-4.5": v45, "tiny-minicpm-o-4.5": o45,
-            "tiny-minicpm-o-2.6": o26, "tiny-minicpm-v-2.6": v26}
+            "tiny-minicpm-o-2.6": o26, "tiny-minicpm-v-2.6": v26, "mid-minicpm-v-4": mid}
 
 
 TINY_MODELS = list(_tiny_configs())
@@ -134,7 +140,7 @@ def _write_tokenizer(name: str, out: Path) -> int:
         for f in O45_TOKENIZER.iterdir():
             shutil.copy(f, out / f.name)
         return 151748
-    if name == "tiny-minicpm-v-4":
+    if name in ("tiny-minicpm-v-4", "mid-minicpm-v-4"):
         tok = _bpe_tokenizer(["<unk>", "<s>", "</s>"], ["<|im_end|>", "<|im_start|>", *MULTIMODAL_TOKENS[1:]],
                              bos="<s>")
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
