@@ -47,15 +47,20 @@ class SpecialTokens:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, loaded without remote code (tokenizer.json, or Qwen vocab.json + merges.txt)."""
+    """The checkpoint's tokenizer, loaded without remote code: tokenizer.json, else Qwen's vocab.json +
+    merges.txt, else a SentencePiece tokenizer.model."""
     path = Path(path)
     try:
         if (path / "tokenizer.json").is_file():
             tok = PreTrainedTokenizerFast.from_pretrained(str(path))
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             tok = Qwen2TokenizerFast.from_pretrained(str(path))
+        elif (path / "tokenizer.model").is_file():  # SentencePiece only (MiniCPM / Llama family)
+            from transformers import LlamaTokenizerFast  # noqa: PLC0415
+
+            tok = LlamaTokenizerFast.from_pretrained(str(path))
         else:
-            raise UserError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+            raise UserError(f"{path}: no tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)")
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
