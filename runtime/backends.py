@@ -11,6 +11,7 @@ empty past_keys / past_values), writes the new K/V itself, returns (logits, None
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from minicpm.errors import UserError
 
-BACKENDS = ("torch", "onnxruntime")  # each format's exporter issue adds its runtime here
+BACKENDS = ("torch", "onnxruntime", "coreml", "executorch")  # each format's exporter issue adds its runtime here
 
 
 class TorchBackend:
@@ -68,6 +69,130 @@ class OnnxRuntimeBackend:
         return tuple(self.llm_session.run(None, inputs))
 
 
+class CoreMLBackend:
+    """The packages of `export.coreml` through Core ML (macOS 15+ only): `vision.mlpackage` one slice per call,
+    `llm.mlpackage`'s `prefill` / `decode` functions sharing one KV state (`make_state()`), so `owns_cache`."""
+
+    name = "coreml"
+    owns_cache = True
+
+    def __init__(self, directory: Path, manifest: dict):
+        if sys.platform != "darwin":
+            raise UserError(f"backend coreml needs macOS 15+ (Core ML runs models only on Apple platforms, this is "
+                            f"{sys.platform}); here use --backend torch, or an ONNX export with onnxruntime")
+        if manifest["format"] != "coreml":
+            raise UserError(f"backend coreml runs Core ML exports; this directory holds a {manifest['format']} export")
+        import coremltools as ct  # noqa: PLC0415
+
+        from runtime.manifest import artifact_path  # noqa: PLC0415
+
+        units = manifest["schedule"]["coreml"]["compute_units"]
+
+        def load(artifact: str, function: str | None):
+            path = artifact_path(directory, manifest, artifact)
+            try:
+                return ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units[artifact].upper()),
+                                         function_name=function)
+            except Exception as e:  # noqa: BLE001 (an unloadable package is named, not dumped)
+                raise UserError(f"Core ML cannot load {path.name} ({function or 'main'}): "
+                                f"{str(e).splitlines()[0]}") from None
+
+        steps = manifest["schedule"]["steps"]
+        self.vision_model = load("vision", None)
+        self.functions = {steps[s]["tokens"]: load("llm", steps[s]["function"]) for s in ("prefill", "decode")}
+        artifacts = manifest["artifacts"]
+        self.vision_dtypes = {t["name"]: np.dtype(t["dtype"]) for t in artifacts["vision"]["inputs"]}
+        self.llm_dtypes = {t["name"]: np.dtype(t["dtype"])
+                           for t in artifacts["llm"]["functions"][steps["decode"]["function"]]["inputs"]}
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh (zeroed) KV state: a new conversation."""
+        self.state = self.functions[1].make_state()
+
+    def vision(self, **inputs: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(len(inputs["pixel_values"])):  # the package takes one slice per call
+            feed = {k: np.ascontiguousarray(inputs[k][i:i + 1]).astype(dt) for k, dt in self.vision_dtypes.items()}
+            out.append(self.vision_model.predict(feed)["features"])
+        return np.concatenate(out).astype(np.float32)
+
+    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        tokens = inputs["inputs_embeds"].shape[1]
+        if tokens not in self.functions:
+            raise UserError(f"the Core ML LLM takes {' or '.join(map(str, sorted(self.functions)))} tokens per call, "
+                            f"got {tokens}")
+        feed = {k: np.ascontiguousarray(inputs[k]).astype(dt) for k, dt in self.llm_dtypes.items()}
+        logits = self.functions[tokens].predict(feed, state=self.state)["logits"]
+        return logits.astype(np.float32), None, None
+
+
+class ExecuTorchBackend:
+    """The `.pte` program of `python -m export.executorch` through `executorch.runtime` (XNNPACK on CPU).
+
+    Stateful: `text_decoder` keeps the KV cache in its mutable buffers `k_cache_{i}` / `v_cache_{i}`
+    (`owns_cache`). The vision method takes one slice per call, so a batch runs slice by slice.
+    """
+
+    name = "executorch"
+    owns_cache = True
+
+    def __init__(self, path: Path, steps: dict, layers: int, threads: int | None = None):
+        from executorch.runtime import Runtime  # noqa: PLC0415
+
+        self.path, self.layers = path, layers
+        self.functions = {step: spec.get("function", step) for step, spec in steps.items()}
+        self.runtime = Runtime.get()
+        if threads:
+            from executorch.extension.pybindings import portable_lib  # noqa: PLC0415
+
+            portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's pool (default: one thread per core)
+        if not self.runtime.backend_registry.is_available("XnnpackBackend"):
+            raise UserError("this executorch build has no XnnpackBackend")
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            self.program = self.runtime.load_program(self.path)
+            self.vision_method = self.program.load_method(self.functions["vision"])
+            self.decoder = self.program.load_method(self.functions["prefill"])
+        except Exception as e:  # noqa: BLE001 (an unloadable program is named, not dumped)
+            raise UserError(f"executorch cannot load {self.path.name}: {str(e).splitlines()[0]} (programs lowered "
+                            "to Core ML load on Apple platforms only)") from None
+        # The cache buffers by name (the exporter emits the names): tensors aliasing the program's memory.
+        try:
+            self.cache = [self.decoder._method.get_attribute(f"{kind}_cache_{i}")
+                          for i in range(self.layers) for kind in ("k", "v")]
+        except Exception:  # noqa: BLE001 (a program without buffer names: reset() reloads instead)
+            self.cache = None
+
+    def reset(self) -> None:
+        """Empty conversation: zero the cache buffers in place (or, without their names, reload the program:
+        a fresh load has zeroed buffers). Correctness only needs finite values, as masked slots contribute
+        exact zeros; zeroing makes a reset conversation identical to one on a freshly loaded program."""
+        if self.cache is None:
+            self._load()
+            return
+        for buffer in self.cache:
+            buffer.zero_()
+
+    def vision(self, **inputs: np.ndarray) -> np.ndarray:
+        names = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
+        batch = len(inputs[names[0]])
+        out = [self.vision_method.execute([_tensor(inputs[n][i:i + 1]) for n in names])[0] for i in range(batch)]
+        return torch.cat(out).numpy()
+
+    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        names = ("inputs_embeds", "position_ids", "attention_mask", "last_index")  # past K/V: in the program
+        logits = self.decoder.execute([_tensor(inputs[n]) for n in names])[0]
+        return logits.numpy(), None, None
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A copy with ordinary strides: numpy's `[None]` axes have stride 0, which ExecuTorch rejects."""
+    return torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype).copy_(torch.from_numpy(array))
+
+
 def open_backend(name: str, directory: Path, manifest: dict, threads: int | None = None):
     """The backend `name` for an export directory whose manifest has been verified."""
     from runtime.manifest import artifact_path  # noqa: PLC0415
@@ -76,6 +201,15 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
         raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "torch":
         return TorchBackend(manifest["model"].get("source", ""), manifest["schedule"]["max_context"])
+    if name == "executorch":
+        if manifest["format"] != "executorch":
+            raise UserError(f"backend executorch runs ExecuTorch exports; this directory holds a {manifest['format']} "
+                            "export")
+        schedule = manifest["schedule"]
+        return ExecuTorchBackend(artifact_path(directory, manifest, schedule["steps"]["prefill"]["artifact"]),
+                                 schedule["steps"], schedule["kv_cache"]["layers"], threads)
+    if name == "coreml":
+        return CoreMLBackend(directory, manifest)
     if manifest["format"] != "onnx":
         raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
     return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),

@@ -28,6 +28,23 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def sha256_tree(path: str | os.PathLike) -> str:
+    """Digest of a directory artifact (a Core ML .mlpackage): sha256 over one line per file,
+    `<relative POSIX path>\\0<sha256 of the file>\\n`, in sorted path order. Timestamps, permissions and listing
+    order do not matter; adding, removing, renaming or changing any file does."""
+    root = Path(path)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for relative in files:
+        h.update(f"{relative}\0{sha256_file(root / relative)}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """sha256_file for a file, sha256_tree for a directory artifact."""
+    return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
+
+
 def validate(manifest: dict) -> None:
     """Schema check with one readable line on failure."""
     version = manifest.get("schema_version")
@@ -77,9 +94,9 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
     entries += [(f["path"], f) for f in manifest["files"]]
     for name, entry in entries:
         target = safe_path(root, entry["path"])
-        if not target.is_file():
+        if not (target.is_file() or target.is_dir()):  # directories: .mlpackage artifacts
             raise UserError(f"{root}: artifact {name!r} is missing ({entry['path']})")
-        if verify and sha256_file(target) != entry["sha256"]:
+        if verify and sha256_path(target) != entry["sha256"]:
             raise UserError(f"{root}: artifact {name!r} ({entry['path']}) does not match its sha256 in manifest.json "
                             "(modified or corrupt)")
     return manifest

@@ -1,0 +1,778 @@
+"""`python -m export.coreml`: the vision step and the LLM as Core ML packages, plus the manifest.
+
+    python -m export.coreml --model M --out DIR [--quant int4-awq|int4-rtn|none] [--group-size G]
+        [--prefill-chunk N] [--max-context N] [--precision fp16|fp32] [--lm-head int8|fp16]
+        [--compute-units all|cpu_only|cpu_and_gpu|cpu_and_ne] [--target iOS18|macOS15] [--ane-vision]
+
+Packages (ML programs for iOS 18 / macOS 15; they convert on Linux, run only on Apple platforms):
+- `vision.mlpackage`: one slice per call, the ONNX vision graph's inputs at batch 1: pixel_values
+  [1,3,p,P*p], position_ids [1,P] int32 (host NaViT ids), patch_mask [1,P], pos_embed [1,P,H] ->
+  features [1,query_num,H]. Vision weights are never quantised (fp16 by default). `--ane-vision` marks the
+  Neural Engine variant: fp16 only (refused with --precision fp32), static batch-1 shapes, loaded with cpu_and_ne.
+  A package stores no compute-unit preference: the manifest's schedule.coreml.compute_units tells the runtime.
+- `llm.mlpackage`: ONE package, two functions sharing one copy of the weights (multifunction):
+  `prefill` (T = prefill chunk) and `decode` (T = 1). Inputs inputs_embeds [1,T,H], position_ids [1,T] int32,
+  attention_mask [1,1,T,C+T] (the ONNX graph's additive mask: C cache slots, then the T new tokens),
+  last_index [1] int32 -> logits [1,V] of that row. The KV cache is Core ML state: `k_cache_{i}` /
+  `v_cache_{i}` per layer, [1, kv_heads, C + S, head_dim] float16 (S = prefill chunk), shared by both
+  functions through one `make_state()`.
+
+Write position. The T new K/V go to slots position_ids[0,0] + [0, T): the first new position is the number
+of filled slots (runtime/session.py keeps slot == position), so no extra input is needed and the host builds
+exactly the mask it builds for ONNX and ExecuTorch. Inside the graph the write is a `slice_update` with that
+dynamic begin (torch.export `.item()` + `slice_scatter`: slice assignment converts, `index_copy_` does not), and
+the mask is moved onto the state: columns [0, C) as given, the new tokens' columns at their slots, the S slack
+slots masked. The slack takes the padded rows of a last prefill chunk near the end of the context, so every
+write stays in bounds and all shapes are static (no flexible shapes: states cannot have them, and GPU / ANE
+compile static shapes only). Masked slots contribute exact zeros: a fresh `make_state()` (zeros) per
+conversation is all the reset there is.
+
+Weights. int4 records from quant/ (AWQ by default) are written bit for bit: each quantised Linear keeps its
+dequantised weight and carries `_COREML_/weight/{compression_type=[3], quantization_n_bits,
+quantization_scale, zero_point}` buffers (plus `_COREML_/metadata_version` on the root), which the iOS 18
+converter turns into `constexpr_blockwise_shift_scale(data=codes, scale, offset=zeros)`. lm_head: per-row int8
+records the same way (`--lm-head int8`, the default when quantising) or float. RMSNorm (variance, rsqrt)
+stays float32 inside fp16 programs: Qwen3 activations reach 15k-30k and their squares overflow fp16. The torch
+modules are traced in float32 (coremltools' torch frontend expects float32 and casts to fp16 itself).
+
+The token embedding table is `token_embedding.bin` (raw [V,H]), gathered on the host: a lookup is a memcpy,
+and upstream scales prompt text embeddings by `scale_emb` but generated tokens not, which the host applies
+(schedule.prompt_embedding_scale / generated_embedding_scale). An `.mlpackage` is a directory: its manifest
+sha256 is `runtime.manifest.sha256_tree` (one line per file, sorted paths, file digests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.bundle import (
+    add_export_arguments,
+    build_manifest,
+    check_export_arguments,
+    copy_model_files,
+    max_abs_error,
+    print_summary,
+    staged_directory,
+    write_embedding_table,
+)
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.modeling import MiniCPMV
+from minicpm.split import LanguageModelStep, VisionStep
+from runtime.cli import run
+from runtime.manifest import sha256_tree, write_manifest
+
+GENERATOR = "minicpm-mobile 0.1.0"
+VISION_INPUTS = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
+LLM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index")
+FUNCTIONS = ("prefill", "decode")
+QUANT_METHODS = ("int4-awq", "int4-rtn", "none")
+COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+TARGETS = ("iOS18", "macOS15")  # the first targets with states and constexpr_blockwise_shift_scale
+KEEP_FP32 = "minicpm-mobile: keep fp32"  # tag put on RMSNorm nodes; the fp16 pass leaves tagged ops alone
+COMPRESSION_QUANTIZATION = 3  # coremltools' CompressionType.QUANTIZATION
+MASK_FILL = -65504.0  # slack columns: the most negative fp16 (finite; exact zero weight after softmax)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The modules handed to the converter
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StatefulLanguageModel(nn.Module):
+    """`LanguageModelStep` with the KV cache in fp16 buffers that become Core ML states (see the module docstring).
+
+    inputs_embeds [1,T,H], position_ids [1,T] int64, attention_mask [1,1,T,C+T] additive, last_index [1] int64
+    -> logits [1,V]. The same module is exported at T = prefill chunk and T = 1; run eagerly it is the exact
+    PyTorch reference of both functions (one set of buffers, as one `make_state()` on device).
+    """
+
+    def __init__(self, model: MiniCPMV, max_context: int, slack: int):
+        super().__init__()
+        self.step = LanguageModelStep(model, max_context).eval()
+        self.max_context, self.slack = max_context, slack
+        self.layers = len(self.step.layers)
+        shape = (1, self.step.kv_heads, max_context + slack, self.step.head_dim)
+        for i in range(self.layers):  # one state per layer and tensor: each write touches only its own buffer
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
+
+    @property
+    def state_names(self) -> list[str]:
+        return [f"{kind}_cache_{i}" for i in range(self.layers) for kind in ("k", "v")]
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_index: torch.Tensor) -> torch.Tensor:
+        tokens = inputs_embeds.shape[1]
+        slots = self.max_context + self.slack
+        start = position_ids[0, 0].item()
+        torch._check(start >= 0)
+        torch._check(start <= slots - tokens)
+        # The host's keys are [C cache slots | T new tokens]; the state's are [C slots | slack], with the new
+        # tokens written at their slots, so their mask columns move there (slack columns stay masked).
+        mask = torch.cat([attention_mask[..., : self.max_context],
+                          torch.full((1, 1, tokens, self.slack), MASK_FILL, dtype=attention_mask.dtype)], dim=-1)
+        mask = torch.slice_scatter(mask, attention_mask[..., self.max_context:], dim=3, start=start,
+                                   end=start + tokens)
+
+        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            # slice_scatter + copy_ exports as read_state -> slice_update(begin = start) -> coreml_update_state
+            # with static shapes (a slice assignment would broadcast into a dynamically shaped slice).
+            keys.copy_(torch.slice_scatter(keys, k.to(keys.dtype), dim=2, start=start, end=start + tokens))
+            values.copy_(torch.slice_scatter(values, v.to(values.dtype), dim=2, start=start, end=start + tokens))
+            return keys.to(k.dtype), values.to(v.dtype)
+
+        return self.step.run_layers(inputs_embeds, position_ids, mask, last_index, attend_over)
+
+    def reset(self) -> None:
+        """Empty the cache (what a fresh `make_state()` is on device)."""
+        for name in self.state_names:
+            getattr(self, name).zero_()
+
+
+def language_model(model: MiniCPMV, records: dict, max_context: int, chunk: int,
+                   precision: str = "fp16") -> StatefulLanguageModel:
+    """The LLM module the converter gets: float32 weights (the converter's torch frontend expects a float32 model
+    and casts to fp16 itself), records checked against them and attached as compression metadata, fp16 state
+    buffers. Modifies `model` (buffers on its Linears); the weights are shared, not copied."""
+    try:
+        wrapper = StatefulLanguageModel(model, max_context, chunk)
+    except ValueError as e:  # e.g. a context beyond the rope table's original length
+        raise UserError(str(e)) from None
+    check_records(model, records)
+    attach_compression(model, records, torch.float16 if precision == "fp16" else torch.float32)
+    # coremltools reads the compression metadata version from the root of the traced module.
+    wrapper.register_buffer("_COREML_/metadata_version", torch.tensor(2))
+    return wrapper.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantisation: records from quant/, attached as Core ML compression metadata
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantization:
+    """What was quantised, for the manifest and the summary."""
+
+    method: str = "none"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    int4_layers: int = 0
+    lm_head: str = "fp16"
+    source: str = "none"  # "this export", or the quantised checkpoint the records came from
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        if self.method == "none":
+            entry = {"method": "none", "bits": None, "group_size": None, "symmetric": None}
+        else:
+            entry = {"method": self.method, "bits": 4, "group_size": self.group_size, "symmetric": self.symmetric,
+                     "layers": self.int4_layers}
+        entry.update(lm_head=self.lm_head, records_from=self.source)
+        if self.method != "none" or self.lm_head == "int8":
+            entry["format"] = "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"
+        return entry
+
+
+def prepare_model(ckpt: Checkpoint, quant: str | None = "int4-awq", group_size: int | None = None,
+                  lm_head: str | None = None, samples: int = 64, seq_len: int = 512,
+                  calib: str | None = None) -> tuple[MiniCPMV, dict, Quantization]:
+    """The float32 model with its quantised weights installed, the records to write, and a summary.
+
+    A quantised checkpoint directory (`python -m quant.awq`) brings its own records, used as they are; otherwise
+    `quant` says what to run here (AWQ on the built-in calibration set, or RTN). quant None = the checkpoint's
+    method, else int4-awq. lm_head None = int8 when quantising, else fp16.
+    """
+    info = Quantization()
+    start = time.perf_counter()
+    quantized_dir = (ckpt.path / "quant_config.json").is_file()
+    if quantized_dir:
+        from quant.checkpoint import load_quantized  # noqa: PLC0415
+
+        result = load_quantized(ckpt.path, "float32")
+        model, records = result.model, dict(result.records)
+        method = f"int4-{result.report.get('method', 'awq')}"
+        if quant not in (None, method):
+            raise UserError(f"{ckpt.path} is already quantised ({method}); drop --quant or pass --quant {method}")
+        given = {r.group_size for r in records.values() if r.bits == 4}
+        if group_size is not None and given and given != {group_size}:
+            raise UserError(f"{ckpt.path} holds group size {sorted(given)}, not --group-size {group_size}")
+        info.method, info.source = method, str(ckpt.path)
+    else:
+        method = quant or "int4-awq"
+        model, _ = ckpt.load_model("float32")
+        records = {}
+        if method != "none":
+            from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
+
+            config = QuantConfig(group_size=group_size or 128, lm_head="int8" if lm_head != "fp16" else "keep")
+            if method == "int4-rtn":
+                records = rtn_quantize(model, config).records
+            else:
+                from quant.calibration import build_calibration  # noqa: PLC0415
+
+                calibration = build_calibration(ckpt, model, calib, samples=samples, seq_len=seq_len)
+                records = awq_quantize(model, calibration, config).records
+                del calibration
+        info.method, info.source = method, "this export" if method != "none" else "none"
+    model.eval().requires_grad_(False)
+    # Only the LLM's records are written (vision stays float; quant/ leaves it alone by default).
+    kept = sorted(n for n in records if not n.startswith("llm."))
+    if kept:
+        info.notes.append(f"{len(kept)} non-LLM records kept as float weights ({kept[0]}, ...)")
+    records = {n: r for n, r in records.items() if n.startswith("llm.")}
+    head = "llm.lm_head"
+    lm_head = lm_head or ("int8" if info.method != "none" else "fp16")
+    if lm_head == "int8" and head not in records:
+        records[head] = int8_head(model)
+    elif lm_head == "fp16" and head in records:
+        records.pop(head)
+        info.notes.append("lm_head stored as float (its int8 record's dequantised values, --lm-head fp16)")
+    info.lm_head = lm_head
+    int4 = [r for r in records.values() if r.bits == 4]
+    info.int4_layers = len(int4)
+    if int4:
+        info.group_size = int4[0].group_size
+        info.symmetric = all(r.symmetric for r in int4)
+    info.seconds = time.perf_counter() - start
+    return model, records, info
+
+
+def int8_head(model: MiniCPMV):
+    """Per-row symmetric int8 record of lm_head (quant/'s int8 scheme), installed as its own Parameter so a
+    tied embedding table keeps its float weights."""
+    from quant import QuantRecord  # noqa: PLC0415
+    from quant.codes import quantize_int8_rows  # noqa: PLC0415
+
+    head = model.llm.lm_head
+    q, scale, zero = quantize_int8_rows(head.weight.detach())
+    record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=head.weight.shape[1],
+                         bits=8, symmetric=True)
+    head.weight = nn.Parameter(record.dequantize(head.weight.dtype), requires_grad=False)
+    return record
+
+
+def check_records(model: MiniCPMV, records: dict) -> None:
+    """Each record must name a Linear whose weight is exactly (codes - zeros) * scales: the converter derives
+    the codes from the weight, so anything else would silently write other codes."""
+    for name, record in records.items():
+        record.check(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"quantisation record {name} names no module of the model") from None
+        if not isinstance(module, nn.Linear):
+            raise UserError(f"quantisation record {name} is a {type(module).__name__}; Core ML int4/int8 weights "
+                            "are written for Linear layers only")
+        if tuple(module.weight.shape) != record.shape:
+            raise UserError(f"quantisation record {name} is {list(record.shape)}, the weight is "
+                            f"{list(module.weight.shape)}")
+        if not torch.equal(module.weight.detach().float(), record.dequantize(torch.float32)):
+            raise UserError(f"quantisation record {name} does not match the model's weight (install the records "
+                            "into the model before exporting, as quant.checkpoint.load_quantized does)")
+
+
+def attach_compression(model: MiniCPMV, records: dict, dtype: torch.dtype) -> None:
+    """Register the `_COREML_/weight/*` buffers on each recorded Linear: the iOS 18 converter then emits
+    constexpr_blockwise_shift_scale with data = round(w / scale) + zero_point = our codes (w is exactly
+    (codes - zeros) * scales in float32, so w / scale is exactly the integer code - zero)."""
+    for name, record in records.items():
+        module = model.get_submodule(name)
+        module.register_buffer("_COREML_/weight/compression_type", torch.tensor([COMPRESSION_QUANTIZATION]))
+        module.register_buffer("_COREML_/weight/quantization_n_bits", torch.tensor(record.bits))
+        # The constexpr's output dtype is the scale's: fp16 weights in fp16 programs, fp32 in fp32 ones (float16
+        # scale values are exact in both).
+        module.register_buffer("_COREML_/weight/quantization_scale", record.scales.to(dtype).clone())
+        module.register_buffer("_COREML_/weight/zero_point", record.zeros.clone())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------
+
+
+def import_coremltools():
+    """coremltools, imported quietly (it logs warnings about optional frontends it does not need here)."""
+    names = ("coremltools", "torchao", "torch.utils._pytree")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        import coremltools as ct  # noqa: PLC0415
+    except ImportError:
+        raise UserError("coremltools is not installed: pip install coremltools==9.0") from None
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+    if not ct.__version__.startswith("9."):
+        raise UserError(f"this exporter is written for coremltools 9.x, found {ct.__version__}")
+    return ct
+
+
+@contextlib.contextmanager
+def quiet_converter() -> Iterator[None]:
+    """Silence the converter's own progress bars and warnings; our bar says what is converting."""
+    from functools import partial  # noqa: PLC0415
+
+    import coremltools.converters.mil.frontend.torch.ops as torch_ops  # noqa: PLC0415
+    import coremltools.converters.mil.mil.passes.pass_pipeline as pipeline  # noqa: PLC0415
+
+    patched = [(m, a, getattr(m, a)) for m, a in ((torch_ops, "_tqdm"), (pipeline, "tqdm")) if hasattr(m, a)]
+    for module, attr, original in patched:
+        setattr(module, attr, partial(original, disable=True))
+    loggers = [logging.getLogger(n) for n in ("coremltools", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_program(module: nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) decomposed to core ATen: what coremltools' torch.export frontend reads. Static
+    shapes throughout: each function is exported at its own T."""
+    try:
+        with torch.no_grad(), quiet_converter():
+            return torch.export.export(module, args, strict=False).run_decompositions({})
+    except Exception as e:  # noqa: BLE001 (one line for the user; the cause stays chained for debugging)
+        raise UserError(f"torch.export cannot trace {type(module).__name__}: {_first_line(e)}") from e
+
+
+def tag_fp32(program: torch.export.ExportedProgram) -> int:
+    """Tag the nodes of every *RMSNorm module: coremltools keeps a node's stack trace as the op's scope, and
+    the fp16 pass's op selector (`keep_fp32`) leaves tagged ops in float32. Returns the number tagged."""
+    tagged = 0
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if any(str(entry[1]).endswith("RMSNorm") for entry in stack.values()):
+            node.meta["stack_trace"] = f"{KEEP_FP32}\n{node.meta.get('stack_trace') or ''}"
+            tagged += 1
+    return tagged
+
+
+def keep_fp32(op) -> bool:
+    """op_selector of FP16ComputePrecision: True = compute in fp16."""
+    from coremltools.converters.mil.mil.scope import ScopeSource  # noqa: PLC0415
+
+    traces = getattr(op, "scopes", {}).get(ScopeSource.EXIR_STACK_TRACE, [])
+    return not any(trace is not None and KEEP_FP32 in str(trace) for trace in traces)
+
+
+def convert(ct, program, inputs: list, outputs: list, args: argparse.Namespace, fp32_ops: bool, what: str):
+    """ct.convert with the export's target and precision (states come from the program's mutated buffers)."""
+    if args.precision == "fp32":
+        precision = ct.precision.FLOAT32
+    else:
+        precision = ct.transform.FP16ComputePrecision(op_selector=keep_fp32 if fp32_ops else lambda op: True)
+    try:
+        with quiet_converter():
+            return ct.convert(program, inputs=inputs, outputs=outputs, convert_to="mlprogram",
+                              minimum_deployment_target=getattr(ct.target, args.target), compute_precision=precision,
+                              compute_units=getattr(ct.ComputeUnit, args.compute_units.upper()), skip_model_load=True)
+    except Exception as e:  # noqa: BLE001 (one line for the user; the cause stays chained for debugging)
+        raise UserError(f"coremltools {ct.__version__} cannot convert the {what}: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _np_float(args: argparse.Namespace):
+    return np.float16 if args.precision == "fp16" else np.float32
+
+
+# ----- vision ----------------------------------------------------------------------------------------------
+
+
+def vision_example(model: MiniCPMV, max_patches: int) -> list[dict[str, torch.Tensor]]:
+    """Batch-1 inputs of two real slices of a 640x480 noise photo (float32), padded to the patch row."""
+    from minicpm.image_processing import process_image  # noqa: PLC0415
+
+    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
+    slices = process_image(image, model.config.slice)
+    return [model.vision_inputs(slices.pixel_values[i:i + 1], slices.tgt_sizes[i:i + 1], pad_to=max_patches)
+            for i in range(min(2, len(slices.pixel_values)))]
+
+
+@torch.no_grad()
+def export_vision(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict) -> tuple[Path, float]:
+    """vision.mlpackage; returns its path and the max |error| of the exported program against the eager step."""
+    examples = vision_example(model, args.max_patches)
+    step = VisionStep(model).eval()
+    program = export_program(step, tuple(examples[0][n] for n in VISION_INPUTS))
+    traced = program.module()
+    error = max(max_abs_error(traced(*(e[n] for n in VISION_INPUTS)), step(*(e[n] for n in VISION_INPUTS)))
+                for e in examples)
+    del traced
+    p, hidden = model.config.slice.patch_size, model.config.hidden_size
+    floating = _np_float(args)
+    inputs = [ct.TensorType(name="pixel_values", shape=(1, 3, p, args.max_patches * p), dtype=floating),
+              ct.TensorType(name="position_ids", shape=(1, args.max_patches), dtype=np.int32),
+              ct.TensorType(name="patch_mask", shape=(1, args.max_patches), dtype=floating),
+              ct.TensorType(name="pos_embed", shape=(1, args.max_patches, hidden), dtype=floating)]
+    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="features", dtype=floating)], args, fp32_ops=False,
+                      what="vision step")
+    del program
+    path = out / "vision.mlpackage"
+    _save(mlmodel, path, "MiniCPM-V vision: one slice (patch row) -> query_num x H features",
+          {**metadata, "function": "vision", "max_patches": args.max_patches, "ane_variant": args.ane_vision})
+    return path, error
+
+
+# ----- LLM -------------------------------------------------------------------------------------------------
+
+
+def schedule_inputs(embeds: np.ndarray, past: int, width: int, max_context: int) -> dict[str, torch.Tensor]:
+    """The inputs runtime/session.py gives one LLM call: `len(embeds)` new tokens after `past` filled slots,
+    padded to `width` rows (mask: the filled slots, then the new tokens causally; pad rows see only new rows)."""
+    n, hidden = embeds.shape
+    neg = np.float32(-1e30)
+    x = np.zeros((1, width, hidden), dtype=np.float32)
+    x[0, :n] = embeds
+    positions = np.minimum(np.arange(past, past + width), max_context - 1).astype(np.int64)[None]
+    mask = np.full((1, 1, width, max_context + width), neg, dtype=np.float32)
+    mask[0, 0, :n, :past] = 0.0
+    mask[0, 0, :, max_context:] = np.triu(np.full((width, width), neg, dtype=np.float32), 1)
+    return {"inputs_embeds": torch.from_numpy(x), "position_ids": torch.from_numpy(positions),
+            "attention_mask": torch.from_numpy(mask), "last_index": torch.tensor([n - 1])}
+
+
+def parity_calls(max_context: int, chunk: int) -> list[tuple[int, int | None, int]]:
+    """(new tokens, start slot or None = continue, width): a full prefill chunk, two decode steps, and a last
+    padded chunk near the end of the context whose pad rows run into the slack."""
+    tail = max(1, min(chunk, max_context - 2) - 2)
+    return [(min(chunk, max_context - 1), 0, chunk), (1, None, 1), (1, None, 1), (tail, max_context - tail, chunk)]
+
+
+@torch.no_grad()
+def reference_logits(model: MiniCPMV, max_context: int, chunk: int, seed: int = 0) -> list[torch.Tensor]:
+    """`LanguageModelStep` (the eager split, host-held float32 cache) over `parity_calls`."""
+    step = LanguageModelStep(model, max_context).eval()
+    shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
+    keys, values = torch.zeros(shape), torch.zeros(shape)
+    out = []
+    for inputs, n, past in _calls(model.config.hidden_size, max_context, chunk, seed):
+        logits, new_keys, new_values = step(**inputs, past_keys=keys, past_values=values)
+        keys[:, :, past:past + n] = new_keys[:, :, :n]
+        values[:, :, past:past + n] = new_values[:, :, :n]
+        out.append(logits)
+    return out
+
+
+@torch.no_grad()
+def wrapper_error(wrapper: StatefulLanguageModel, hidden: int, expected: list[torch.Tensor], seed: int = 0) -> float:
+    """Max |logit difference| of the stateful module against `reference_logits` (same calls, same data)."""
+    wrapper.reset()
+    error = 0.0
+    for (inputs, _, _), ref in zip(_calls(hidden, wrapper.max_context, wrapper.slack, seed), expected, strict=True):
+        error = max(error, max_abs_error(wrapper(**inputs), ref))
+    wrapper.reset()
+    return error
+
+
+def _calls(hidden: int, max_context: int, chunk: int, seed: int):
+    rng = np.random.RandomState(seed)
+    past = 0
+    for n, start, width in parity_calls(max_context, chunk):
+        past = past if start is None else start
+        yield schedule_inputs(rng.randn(n, hidden).astype(np.float32), past, width, max_context), n, past
+        past += n
+
+
+def llm_example(wrapper: StatefulLanguageModel, tokens: int) -> tuple[torch.Tensor, ...]:
+    hidden = wrapper.step.norm.weight.shape[0]
+    inputs = schedule_inputs(np.zeros((tokens, hidden), dtype=np.float32), 0, tokens, wrapper.max_context)
+    return tuple(inputs[n] for n in LLM_INPUTS)
+
+
+def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: argparse.Namespace,
+                         progress: tqdm) -> dict[str, Path]:
+    """Convert the prefill and decode functions one at a time into single-function packages in `parts`."""
+    floating = _np_float(args)
+    hidden, context = wrapper.step.norm.weight.shape[0], wrapper.max_context
+    paths = {}
+    for name, tokens in (("prefill", args.prefill_chunk), ("decode", 1)):
+        progress.set_postfix_str(f"llm {name} (T={tokens}): torch.export")
+        program = export_program(wrapper, llm_example(wrapper, tokens))
+        if args.precision == "fp16" and not tag_fp32(program):
+            raise UserError("found no RMSNorm modules to keep in float32 (unexpected LLM layout)")
+        inputs = [ct.TensorType(name="inputs_embeds", shape=(1, tokens, hidden), dtype=floating),
+                  ct.TensorType(name="position_ids", shape=(1, tokens), dtype=np.int32),
+                  ct.TensorType(name="attention_mask", shape=(1, 1, tokens, context + tokens), dtype=floating),
+                  ct.TensorType(name="last_index", shape=(1,), dtype=np.int32)]
+        progress.set_postfix_str(f"llm {name} (T={tokens}): converting")
+        mlmodel = convert(ct, program, inputs, [ct.TensorType(name="logits", dtype=floating)], args, fp32_ops=True,
+                          what=f"LLM {name} function")
+        del program
+        paths[name] = parts / f"{name}.mlpackage"
+        with quiet_converter():
+            mlmodel.save(str(paths[name]))
+        del mlmodel
+        gc.collect()
+        progress.update()
+    return paths
+
+
+def merge_functions(ct, parts: dict[str, Path], path: Path, metadata: dict) -> None:
+    """One multifunction package: identical weights are stored once (const deduplication across functions)."""
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, part in parts.items():
+        desc.add_function(str(part), src_function_name="main", target_function_name=name)
+    desc.default_function_name = "decode"
+    with quiet_converter():
+        ct.utils.save_multifunction(desc, str(path))
+    # Metadata goes into the package's spec file directly: reloading and saving would rewrite the weights.
+    from coremltools.libmodelpackage import ModelPackage  # noqa: PLC0415
+
+    spec_path = Path(ModelPackage(str(path)).getRootModel().path())
+    spec = ct.utils.load_spec(str(path))
+    describe(spec, "MiniCPM-V LLM: functions prefill (T = prefill chunk) and decode (T = 1), KV cache as state",
+             metadata)
+    spec_path.write_bytes(spec.SerializeToString())
+    _publish(path)
+
+
+# ----- package helpers -------------------------------------------------------------------------------------
+
+
+def describe(spec, description: str, metadata: dict) -> None:
+    """Key facts in a package spec's metadata (Xcode shows them; user-defined values are strings)."""
+    spec.description.metadata.author = GENERATOR
+    spec.description.metadata.shortDescription = description
+    spec.description.metadata.versionString = GENERATOR.split()[-1]
+    for key, value in _strings(metadata).items():
+        spec.description.metadata.userDefined[key] = value
+
+
+def _strings(metadata: dict) -> dict[str, str]:
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in metadata.items()}
+
+
+def _save(mlmodel, path: Path, description: str, metadata: dict) -> None:
+    mlmodel.author, mlmodel.short_description = GENERATOR, description
+    mlmodel.version = GENERATOR.split()[-1]
+    mlmodel.user_defined_metadata.update(_strings(metadata))
+    with quiet_converter():
+        mlmodel.save(str(path))
+    _publish(path)
+
+
+def _publish(path: Path) -> None:
+    """coremltools writes private (0600 / 0700) files; an export is an ordinary readable directory."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o755)
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o755)
+        for f in files:
+            os.chmod(Path(root) / f, 0o644)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def package_entry(out: Path, path: Path) -> dict:
+    """Manifest artifact of an .mlpackage (a directory): tree digest, total size, and each function's I/O."""
+    ct = import_coremltools()
+    spec = ct.utils.load_spec(str(path))
+    desc = spec.description
+    functions = {f.name: _io(f) for f in desc.functions} if len(desc.functions) else {"main": _io(desc)}
+    entry = {"path": path.name, "sha256": sha256_tree(path), "size": tree_size(path), "format": "mlpackage",
+             "sha256_of": "directory tree (runtime.manifest.sha256_tree)", "functions": functions}
+    if list(functions) == ["main"]:
+        entry.update(inputs=functions["main"]["inputs"], outputs=functions["main"]["outputs"])
+    else:
+        entry["default_function"] = desc.defaultFunctionName
+    return entry
+
+
+def _io(desc) -> dict:
+    """Inputs, outputs and states of one function, as manifest tensors."""
+    from coremltools.proto import FeatureTypes_pb2  # noqa: PLC0415
+
+    names = {v: k.lower() for k, v in FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.items()}
+    dtypes = {"float16": "float16", "float32": "float32", "int32": "int32", "double": "float64"}
+
+    def tensor(feature, array) -> dict:
+        return {"name": feature.name, "shape": [int(d) for d in array.shape],
+                "dtype": dtypes.get(names[array.dataType], names[array.dataType])}
+
+    return {"inputs": [tensor(f, f.type.multiArrayType) for f in desc.input],
+            "outputs": [tensor(f, f.type.multiArrayType) for f in desc.output],
+            "states": [tensor(f, f.type.stateType.arrayType) for f in desc.state]}
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.coreml", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(parser)
+    parser.add_argument("--quant", choices=QUANT_METHODS,
+                        help="LLM weights: int4 AWQ (default; built-in calibration set), int4 round-to-nearest, or "
+                             "none. A quantised checkpoint directory (python -m quant.awq) brings its own records.")
+    parser.add_argument("--group-size", type=int, help="input channels per int4 group: 32, 64 or 128 (default 128)")
+    parser.add_argument("--lm-head", choices=("int8", "fp16"),
+                        help="output head: per-row int8 (default when quantising) or float (default with --quant none)")
+    parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                        help="weights and compute (RMSNorm stays fp32 either way; the KV state is always fp16)")
+    parser.add_argument("--compute-units", choices=COMPUTE_UNITS, default="all",
+                        help="Core ML compute units the runtime should load the packages with (default all)")
+    parser.add_argument("--target", choices=TARGETS, default="iOS18", help="minimum deployment target (iOS18)")
+    parser.add_argument("--ane-vision", action="store_true",
+                        help="vision package for the Neural Engine: fp16 only, static batch-1 shapes, loaded with "
+                             "cpu_and_ne (the LLM keeps --compute-units)")
+    parser.add_argument("--calib", help="AWQ calibration JSONL (default: the built-in offline set)")
+    parser.add_argument("--samples", type=int, default=64, help="AWQ calibration samples (default 64)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per AWQ calibration sample (default 512)")
+    args = parser.parse_args(argv)
+    check_export_arguments(args)
+    if args.ane_vision and args.precision != "fp16":
+        raise UserError("--ane-vision needs --precision fp16 (the Neural Engine computes in fp16 only)")
+    if args.group_size is not None and args.group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, got {args.group_size}")
+    if args.quant == "none" and args.group_size is not None:
+        raise UserError("--group-size applies to int4 quantisation, not --quant none")
+    if args.samples < 1 or args.seq_len < 8:
+        raise UserError("--samples must be >= 1 and --seq-len >= 8")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ct = import_coremltools()
+    progress = tqdm(total=8, desc="export.coreml", unit="step")
+    progress.set_postfix_str("loading checkpoint, quantising" if args.quant != "none" else "loading checkpoint")
+    ckpt = Checkpoint.open(args.model)
+    model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
+                                          args.seq_len, args.calib)
+    progress.update()
+    dtype_name = "float16" if args.precision == "fp16" else "float32"
+    slots = args.max_context + args.prefill_chunk
+    metadata = {"generator": GENERATOR, "model": args.model, "variant": ckpt.config.variant.name,
+                "precision": args.precision, "target": args.target, "quantization": quant.method,
+                "group_size": quant.group_size or "-", "lm_head": quant.lm_head}
+    rows, parity, artifacts = [], {}, {}
+    with staged_directory(args.out) as out:
+        t = time.perf_counter()
+        progress.set_postfix_str("vision package")
+        vision, parity["vision"] = export_vision(ct, model, out, args, metadata)
+        rows.append(("vision.mlpackage", tree_size(vision), parity["vision"], time.perf_counter() - t))
+        # build_manifest reads the patch grid from the model; keep that fact only.
+        patches_per_side = SimpleNamespace(vpm=SimpleNamespace(num_patches_per_side=model.vpm.num_patches_per_side))
+        # The vision weights are not needed any more: release them before the LLM is traced.
+        del model.vpm, model.resampler
+        gc.collect()
+        progress.update()
+
+        progress.set_postfix_str("embedding table, tokenizer")
+        t = time.perf_counter()
+        table_dtype = torch.float16 if args.precision == "fp16" else torch.float32
+        artifacts["token_embedding"] = write_embedding_table(model, out, table_dtype)
+        artifacts["token_embedding"]["note"] = (
+            "gathered by the host (a lookup is a memcpy); prompt rows times schedule.prompt_embedding_scale, "
+            "generated rows times schedule.generated_embedding_scale (upstream scales prompt text only)")
+        rows.append(("token_embedding.bin", artifacts["token_embedding"]["size"], None, time.perf_counter() - t))
+        files = copy_model_files(ckpt, out)
+        progress.update()
+
+        t = time.perf_counter()
+        progress.set_postfix_str("llm: eager reference")
+        expected = reference_logits(model, args.max_context, args.prefill_chunk)
+        wrapper = language_model(model, records, args.max_context, args.prefill_chunk, args.precision)
+        del records  # the codes are re-derived by the converter from the weights (checked equal): free them
+        parity["llm"] = wrapper_error(wrapper, ckpt.config.hidden_size, expected)
+        del expected
+        state_shape = list(wrapper.k_cache_0.shape)
+        layers, state_names = wrapper.layers, wrapper.state_names
+        progress.update()
+        parts_dir = out / ".functions"
+        parts_dir.mkdir()
+        parts = export_llm_functions(ct, wrapper, parts_dir, args, progress)
+        # Both functions are on disk: release the torch weights before the merge loads the two programs.
+        del wrapper, model
+        gc.collect()
+        progress.set_postfix_str("llm: multifunction package")
+        llm = out / "llm.mlpackage"
+        merge_functions(ct, parts, llm, {**metadata, "functions": "prefill,decode",
+                                         "prefill_chunk": args.prefill_chunk, "max_context": args.max_context,
+                                         "state_slots": slots, "states": "k_cache_{layer}, v_cache_{layer}"})
+        shutil.rmtree(parts_dir)
+        rows.append(("llm.mlpackage (prefill+decode)", tree_size(llm), parity["llm"], time.perf_counter() - t))
+        progress.update()
+
+        progress.set_postfix_str("manifest")
+        artifacts["vision"] = package_entry(out, vision)
+        artifacts["llm"] = package_entry(out, llm)
+        steps = {"vision": {"artifact": "vision", "function": "main", "batch": 1},
+                 "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
+                 "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
+        manifest = build_manifest("coreml", ckpt, patches_per_side, args.model, artifacts, files, args, dtype_name,
+                                  parity, quant.manifest(), steps)
+        manifest["schedule"]["coreml"] = {
+            "target": args.target,
+            "compute_units": {"vision": "cpu_and_ne" if args.ane_vision else args.compute_units,
+                              "llm": args.compute_units},
+            "ane_vision": args.ane_vision,
+            "state": {"names": state_names, "layers": layers, "shape": state_shape, "dtype": "float16",
+                      "slots": slots, "slack_slots": args.prefill_chunk,
+                      "reset": "a fresh make_state() (zeros) per conversation; both functions share it"},
+            "write_position": "the T new K/V go to state slots position_ids[0,0] + [0, T): the first new "
+                              "position is the number of filled slots",
+            "attention_mask": "[1,1,T,C+T] additive, as for ONNX (C cache slots, then the T new tokens); the "
+                              "graph moves the new tokens' columns onto their slots and masks the slack",
+            "inputs": "float inputs in the model dtype, position_ids / last_index int32; the vision package "
+                      "takes one slice per call",
+        }
+        write_manifest(out, manifest)
+        progress.update()
+    progress.close()
+    print_summary(f"Core ML export of {ckpt.config.variant.name} -> {args.out} ({quant.method}, {args.precision}, "
+                  f"{args.target})", rows)
+    print(f"quantisation: {quant.method}, {quant.int4_layers} int4 layers"
+          + (f" (group {quant.group_size})" if quant.group_size else "") + f", lm_head {quant.lm_head}, "
+          f"{quant.seconds:.1f}s; peak RSS {peak_rss_mb():.0f} MB")
+    for note in quant.notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

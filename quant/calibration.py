@@ -1,0 +1,237 @@
+"""Calibration data for AWQ: a built-in offline set, or the user's JSONL, as inputs of `model.llm`.
+
+Built-in: synthetic images drawn with PIL (shapes, charts, text, stripes, noise; varied sizes, some of them
+sliced) paired with chat prompts, plus text-only chats, some multi-turn with assistant answers. Each is
+rendered with the checkpoint's own chat template (`Checkpoint.prompts.build`), the images go through the
+model's vision path, and the sample is the prompt's `inputs_embeds`, cut to `seq_len` tokens.
+
+User JSONL, one object per line:
+    {"images": ["photo.jpg", ...], "messages": [{"role": "user", "content": "..."}, ...]}
+    {"text": "plain text, tokenised without a chat template"}
+Image paths are relative to the JSONL file; the images go first in the first user message (as upstream
+chat()). The first `samples` lines are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.image_processing import load_image
+from minicpm.modeling import MiniCPMV
+
+IMAGE_PROMPTS = [
+    "What is in this image?", "Describe this image in detail.", "How many shapes can you see? List them.",
+    "What colours dominate this picture?", "Read all the text in the image.", "Is there a circle in the image?",
+    "Describe the layout of this image from left to right.", "What could this diagram represent?",
+    "Write a short caption for this picture.", "Which object is the largest, and where is it?",
+    "Summarise this chart: what trend does it show?", "What is written at the top of the image?",
+    "Explain what you see to someone who cannot see it.", "Count the red objects.",
+    "Is this a photo or a drawing? Why?", "Extract the numbers visible in this image and add them up.",
+    "请描述这张图片。", "图中有几个形状？分别是什么颜色？", "这张图片上写了什么字？",
+    "Décris cette image en une phrase.",
+]
+TEXT_CHATS = [
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a haiku about the sea at night.",
+    "What is 17 * 23? Show your working.",
+    "Give me three tips for a job interview.",
+    "Translate 'Where is the train station?' into French, German and Japanese.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Why is the sky blue?",
+    "用三句话介绍一下长城。",
+    "请解释什么是机器学习。",
+    "List the planets of the solar system in order from the sun.",
+    "What are the main causes of inflation?",
+]
+MULTI_TURN = [
+    [("user", "Can you help me plan a weekend trip to the mountains?"),
+     ("assistant", "Of course! How many days do you have, and do you prefer hiking or relaxing?"),
+     ("user", "Two days, and I like easy hikes with nice views.")],
+    [("user", "What is a prime number?"),
+     ("assistant", "A prime number is a whole number greater than 1 whose only divisors are 1 and itself, "
+                   "for example 2, 3, 5, 7 and 11."),
+     ("user", "Is 91 prime?")],
+    [("user", "我想学做饭，应该从哪里开始？"),
+     ("assistant", "可以先从简单的家常菜开始，比如番茄炒蛋和青菜，掌握火候和调味。"),
+     ("user", "番茄炒蛋怎么做？")],
+]
+# Held out from calibration, for quality reports.
+HELDOUT_IMAGE_PROMPTS = [
+    "What shapes are in this picture, and what colour is each one?", "Describe the background of this image.",
+    "What text appears in the image?", "这张图里最大的物体是什么？", "Is anything in this image overlapping?",
+    "Give a one-line description of this image.",
+]
+HELDOUT_TEXT = [
+    "Explain how a bicycle gear system works.", "Write a limerick about a cat who loves coffee.",
+    "What is the capital of Australia, and why is it not Sydney?", "请写一首关于秋天的短诗。",
+]
+SIZES = [(448, 448), (320, 240), (240, 320), (512, 384), (640, 480), (300, 600), (800, 200), (224, 224)]
+WORDS = ["STOP", "OPEN", "SALE 50%", "EXIT", "Hello", "2024", "A B C", "North", "Menu", "3.14", "你好", "Total: 42"]
+
+
+def synthetic_image(seed: int) -> Image.Image:
+    """One varied drawing: a background (flat, gradient, stripes or noise) with shapes, a chart or text."""
+    rng = random.Random(seed)
+    width, height = SIZES[seed % len(SIZES)]
+    colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+    kind = rng.choice(["flat", "gradient", "stripes", "noise"])
+    if kind == "noise":
+        g = torch.Generator().manual_seed(seed)
+        pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.new("RGB", (width, height), colour())
+    draw = ImageDraw.Draw(image)
+    if kind == "gradient":
+        a, b = colour(), colour()
+        for y in range(height):
+            t = y / max(height - 1, 1)
+            draw.line([(0, y), (width, y)], fill=tuple(int(a[i] * (1 - t) + b[i] * t) for i in range(3)))
+    elif kind == "stripes":
+        step = rng.randrange(8, 40)
+        for x in range(0, width, 2 * step):
+            draw.rectangle([x, 0, x + step, height], fill=colour())
+    if rng.random() < 0.3:  # a bar chart
+        bars = rng.randrange(3, 8)
+        bar_w = width // (bars + 1)
+        for i in range(bars):
+            top = rng.randrange(height // 5, height - 10)
+            draw.rectangle([i * bar_w + bar_w // 2, top, (i + 1) * bar_w + bar_w // 4, height - 5], fill=colour())
+        draw.line([(5, height - 5), (width - 5, height - 5)], fill=(0, 0, 0), width=2)
+    for _ in range(rng.randrange(1, 7)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1 = min(width, x0 + rng.randrange(10, width // 2 + 11))
+        y1 = min(height, y0 + rng.randrange(10, height // 2 + 11))
+        shape = rng.choice(["rectangle", "ellipse", "polygon", "line"])
+        if shape == "rectangle":
+            draw.rectangle([x0, y0, x1, y1], fill=colour(), outline=colour())
+        elif shape == "ellipse":
+            draw.ellipse([x0, y0, x1, y1], fill=colour())
+        elif shape == "polygon":
+            draw.polygon([(rng.randrange(width), rng.randrange(height)) for _ in range(rng.randrange(3, 7))],
+                         fill=colour())
+        else:
+            draw.line([(x0, y0), (x1, y1)], fill=colour(), width=rng.randrange(1, 8))
+    font = ImageFont.load_default(size=rng.choice([14, 20, 32, 48]))
+    for _ in range(rng.randrange(0, 3)):
+        draw.text((rng.randrange(width // 2 + 1), rng.randrange(height // 2 + 1)), rng.choice(WORDS),
+                  fill=colour(), font=font)
+    return image
+
+
+def default_conversations(samples: int, seed: int = 0, heldout: bool = False) -> list[list[dict]]:
+    """`samples` chats: about half with one synthetic image, the rest text-only or multi-turn."""
+    rng = random.Random(seed + (10_000 if heldout else 0))
+    image_prompts = HELDOUT_IMAGE_PROMPTS if heldout else IMAGE_PROMPTS
+    texts = HELDOUT_TEXT if heldout else TEXT_CHATS
+    chats = []
+    for i in range(samples):
+        pick = i % 4
+        if pick in (0, 2):
+            image = synthetic_image(rng.randrange(1 << 30))
+            chats.append([{"role": "user", "content": [image, image_prompts[rng.randrange(len(image_prompts))]]}])
+        elif pick == 1 or heldout:
+            chats.append([{"role": "user", "content": texts[rng.randrange(len(texts))]}])
+        else:
+            turns = MULTI_TURN[rng.randrange(len(MULTI_TURN))]
+            chats.append([{"role": role, "content": text} for role, text in turns])
+    return chats
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def read_jsonl(path: str | os.PathLike, samples: int | None = None) -> list[list[dict] | str]:
+    """Chats (message lists with loaded images) or raw texts from a calibration JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration file not found: {path}")
+    out: list[list[dict] | str] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if samples is not None and len(out) >= samples:
+                break
+            where = _where(path, number)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str) and "messages" not in obj:
+                out.append(obj["text"])
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+                raise UserError(f'{where}: expected {{"messages": [...], "images": [...]}} or {{"text": "..."}}')
+            out.append(_chat(obj, path.parent, where))
+    if not out:
+        raise UserError(f"{path}: no calibration samples")
+    return out
+
+
+def _chat(obj: dict, base: Path, where: str) -> list[dict]:
+    images = obj.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise UserError(f"{where}: images must be a list of file paths")
+    messages = []
+    for m in obj["messages"]:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise UserError(f'{where}: each message needs a role (system, user, assistant) and a text content')
+        messages.append({"role": m["role"], "content": m["content"]})
+    if images:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise UserError(f"{where}: images need a user message to go in")
+        try:
+            loaded = [load_image(p if os.path.isabs(p) else base / p) for p in images]
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        first_user["content"] = [*loaded, first_user["content"]]
+    return messages
+
+
+def vision_item(model: MiniCPMV, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]]) -> dict:
+    """Arguments of `model.vpm` for one image's slices: padded patch rows, position ids, validity mask."""
+    inputs = model.vision_inputs(pixel_values, tgt_sizes)
+    valid = inputs["patch_mask"] > 0.5
+    return {"pixel_values": inputs["pixel_values"], "position_ids": inputs["position_ids"],
+            "patch_mask": None if bool(valid.all()) else valid}
+
+
+@torch.no_grad()
+def build_calibration(ckpt: Checkpoint, model: MiniCPMV, source: str | os.PathLike | None = None,
+                      samples: int = 128, seq_len: int = 512, vision: bool = False, seed: int = 0,
+                      heldout: bool = False) -> list[dict]:
+    """Calibration samples for `awq_quantize(model, ...)`: {"inputs_embeds": [1, <=seq_len, H]} per chat
+    (built-in set, or the JSONL file `source`), plus, when `vision`, one {"pixel_values", "position_ids",
+    "patch_mask"} dict per image for the vision blocks. `heldout` gives prompts and images not used for
+    calibration (for quality reports)."""
+    if samples < 1:
+        raise UserError(f"samples must be >= 1, got {samples}")
+    if seq_len < 8:
+        raise UserError(f"seq_len must be >= 8, got {seq_len}")
+    chats = read_jsonl(source, samples) if source is not None else default_conversations(samples, seed, heldout)
+    llm_items, vision_items = [], []
+    for chat in chats:
+        if isinstance(chat, str):
+            ids = torch.tensor(ckpt.tokenizer.encode(chat)[:seq_len])
+            emb = model.prompt_embeddings(ids, [], torch.zeros(0, model.config.query_num, model.config.hidden_size))
+        else:
+            prompt = ckpt.prompts.build(chat)
+            features = model.encode(prompt.images)  # encode_images per slice (and video frame groups)
+            emb = model.prompt_embeddings(torch.tensor(prompt.input_ids), prompt.image_bounds, features)[:seq_len]
+            if vision:
+                vision_items += [vision_item(model, image.pixel_values, image.tgt_sizes) for image in prompt.images]
+        llm_items.append({"inputs_embeds": emb[None]})
+    return vision_items + llm_items

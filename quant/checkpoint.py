@@ -1,0 +1,120 @@
+"""A quantised checkpoint directory: written atomically, loadable as a model and as records.
+
+Layout (everything a MiniCPM checkpoint has, plus two files):
+    config.json, tokenizer files, generation/preprocessor configs   copied from the source checkpoint
+    model.safetensors          the full-precision tensors *after* AWQ folding (norm weights absorb scales),
+                               with every quantised weight replaced by its dequantised value (times its
+                               input scale), so `minicpm.load_model(dir)` runs the quantised model as is
+    quant_records.safetensors  the int4 / int8 records (codes, scales, zeros, input scales): what exporters
+                               write as MatMulNBits / constexpr / packed weights
+    quant_config.json          method, QuantConfig, per-layer report and summary
+Audio / speech weights of the o-models (not built by this project) are not carried over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minicpm.checkpoint import load_model
+from minicpm.errors import UserError
+from minicpm.modeling import MiniCPMV
+from quant.quantize import QuantResult
+from quant.records import default_mode, load_records, save_records
+from quant.scaling import InputScaledLinear
+
+RECORDS_FILE = "quant_records.safetensors"
+CONFIG_FILE = "quant_config.json"
+FORMAT = "minicpm-mobile-quant"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json")
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output directory unless `overwrite` (checked before any heavy work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def _state_dict(model: MiniCPMV) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[name] = tensor.detach().contiguous()
+    for name, module in model.named_modules():
+        if isinstance(module, InputScaledLinear):  # a plain Linear must compute the same function
+            w = module.weight.float() * module.input_scale.float()[None, :]
+            state[f"{name}.weight"] = w.to(module.weight.dtype).contiguous()
+    if model.config.llm.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    return state
+
+
+def write_quantized(result: QuantResult, source: str | os.PathLike, out: str | os.PathLike,
+                    info: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the quantised checkpoint directory `out` (see the module docstring); atomic: a temporary
+    directory next to `out` is filled, then renamed into place."""
+    source, out = Path(source), check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        for f in sorted(source.iterdir()):
+            if f.is_file() and not f.name.endswith(WEIGHT_FILES):
+                shutil.copy2(f, tmp / f.name)
+        save_file(_state_dict(result.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", default_mode())
+        save_records(tmp / RECORDS_FILE, result.records, result.config)
+        meta = {"format": FORMAT, "version": 1, "method": result.report.get("method"), "records": RECORDS_FILE,
+                "quant_config": result.config.to_dict(), "summary": result.summary(), **(info or {}),
+                "report": result.report}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto") -> QuantResult:
+    """Load a quantised checkpoint directory: the model with its quantised layers installed (explicit input
+    scales as InputScaledLinear) and the records, bit-exact as written."""
+    path = Path(path)
+    meta_file = path / CONFIG_FILE
+    if not meta_file.is_file():
+        raise UserError(f"{path}: no {CONFIG_FILE} (not a quantised checkpoint; see python -m quant.awq)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_file}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_file}: not a {FORMAT} file")
+    records, config = load_records(path / meta.get("records", RECORDS_FILE))
+    model, _ = load_model(path, dtype)
+    with torch.no_grad():
+        for name, record in records.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"{path}: record {name} names no module of the model") from None
+            if tuple(module.weight.shape) != record.shape:
+                raise UserError(f"{path}: record {name} is {list(record.shape)}, the model's weight is "
+                                f"{list(module.weight.shape)}")
+            if record.input_scale is not None:
+                InputScaledLinear.convert(module, record.input_scale.float())
+            module.weight.copy_(record.dequantize(module.weight.dtype))
+    return QuantResult(model, records, config, meta.get("report", {}))
