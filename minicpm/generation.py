@@ -107,6 +107,26 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
+def timing_stats(prompt: Prompt, generated: list[int], t0: float, t_vision: float, t_prefill: float,
+                 t_end: float) -> dict:
+    """The timings every runner reports: vision per slice, time to first token, prefill and decode speed."""
+    slices = len(prompt.pixel_values)
+    decode_s = t_end - t_prefill
+    return {
+        "prompt_tokens": len(prompt.input_ids),
+        "new_tokens": len(generated),
+        "images": len(prompt.images),
+        "slices": slices,
+        "vision_ms": round((t_vision - t0) * 1000, 2),
+        "vision_ms_per_slice": round((t_vision - t0) * 1000 / slices, 2) if slices else 0.0,
+        "prefill_ms": round((t_prefill - t_vision) * 1000, 2),
+        "time_to_first_token_ms": round((t_prefill - t0) * 1000, 2),
+        "prefill_tok_s": round(len(prompt.input_ids) / max(t_prefill - t_vision, 1e-9), 2),
+        "decode_ms": round(decode_s * 1000, 2),
+        "decode_tok_s": round(max(len(generated) - 1, 0) / decode_s, 2) if decode_s > 0 else 0.0,
+    }
+
+
 @torch.no_grad()
 def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig,
              stop_ids: list[int], on_text: Callable[[str], None] | None = None) -> GenerationResult:
@@ -137,19 +157,5 @@ def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase
         position += 1
     t_end = time.perf_counter()
     text = streamer.end()
-    n_slices = len(prompt.pixel_values)
-    decode_s = t_end - t_prefill
-    stats = {
-        "prompt_tokens": len(prompt.input_ids),
-        "new_tokens": len(generated),
-        "images": len(prompt.images),
-        "slices": n_slices,
-        "vision_ms": round((t_vision - t0) * 1000, 2),
-        "vision_ms_per_slice": round((t_vision - t0) * 1000 / n_slices, 2) if n_slices else 0.0,
-        "prefill_ms": round((t_prefill - t_vision) * 1000, 2),
-        "time_to_first_token_ms": round((t_prefill - t0) * 1000, 2),
-        "prefill_tok_s": round(len(prompt.input_ids) / max(t_prefill - t_vision, 1e-9), 2),
-        "decode_ms": round(decode_s * 1000, 2),
-        "decode_tok_s": round(max(len(generated) - 1, 0) / decode_s, 2) if decode_s > 0 else 0.0,
-    }
+    stats = timing_stats(prompt, generated, t0, t_vision, t_prefill, t_end)
     return GenerationResult(generated, text, stats)

@@ -17,7 +17,7 @@ import torch
 
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
-from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer
+from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer, timing_stats
 from minicpm.modeling import vision_inputs
 from minicpm.prompt import Prompt
 from runtime.backends import open_backend
@@ -127,21 +127,10 @@ class Session:
             self._append_history(Prompt([token], [], []))
         t_end = time.perf_counter()
         text = streamer.end()
-        slices = len(turn.pixel_values)
-        decode_s = t_end - t_prefill
-        stats = {
-            "prompt_tokens": len(turn.input_ids), "new_tokens": len(generated), "images": len(turn.images),
-            "slices": slices, "context_tokens": self.cache_len, "finish_reason": finish,
-            "vision_ms": round((t_vision - t0) * 1000, 2),
-            "vision_ms_per_slice": round((t_vision - t0) * 1000 / slices, 2) if slices else 0.0,
-            "prefill_ms": round((t_prefill - t_vision) * 1000, 2),
-            "time_to_first_token_ms": round((t_prefill - t0) * 1000, 2),
-            "prefill_tok_s": round(len(turn.input_ids) / max(t_prefill - t_vision, 1e-9), 2),
-            "decode_ms": round(decode_s * 1000, 2),
-            "decode_tok_s": round(max(len(generated) - 1, 0) / decode_s, 2) if decode_s > 0 else 0.0,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "backend": self.backend.name,
-        }
+        stats = {**timing_stats(turn, generated, t0, t_vision, t_prefill, t_end),
+                 "context_tokens": self.cache_len, "finish_reason": finish,
+                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                 "backend": self.backend.name}
         return GenerationResult(generated, text, stats)
 
     # ----- steps -----------------------------------------------------------------------------------------
