@@ -1,0 +1,756 @@
+"""`python -m export.executorch`: one ExecuTorch program (`model.pte`) with the LLM runner's method names, the
+raw token embedding table and the manifest.
+
+Methods of the program (ExecuTorch multimodal runner conventions):
+- `vision_encoder(pixel_values, position_ids, patch_mask, pos_embed) -> features`: the ONNX vision graph's
+  inputs (fixed patch row, host NaViT position ids, patch mask, resampler position table) for one slice per
+  call. A static batch of 1 bounds the activation arena to one slice (the attention scores of a batch of 8
+  real slices would take ~600 MB) and lowers faster; the host loops over slices.
+- `token_embedding(input_ids [1,T]) -> [1,T,H]`: the raw table lookup (the host applies the manifest's
+  prompt embedding scale). The Python host reads `token_embedding.bin` instead, as for every format.
+- `text_decoder(inputs_embeds [1,T,H], position_ids [1,T], attention_mask [1,1,T,C+T], last_index [1])
+  -> logits [1,V]`. XNNPACK: T = 1..prefill_chunk, one method for chunked prefill and decode (weights stored
+  once). Core ML (static shapes: a dynamic token axis hands coremltools SymInt inputs it cannot take):
+  `text_decoder` at T = 1, the runner's token-by-token form, plus `prefill` at T = prefill_chunk, sharing
+  the same cache buffers.
+- constants `get_max_seq_len` (tokens per decoder call), `get_max_context_len` (C), `get_bos_id`,
+  `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape`.
+
+KV cache. The decoder keeps it in mutable buffers `k_cache_{i}` [1, kv_heads, head_dim, C + S] (keys stored
+transposed, ready for q @ K) and `v_cache_{i}` [1, kv_heads, C + S, head_dim], S = prefill_chunk. The inputs
+are those of the ONNX LLM graph minus the past K/V, so the host builds the very same mask (keys: C cache
+slots, then the T new tokens). Inside the graph the T new K/V are written to slots `position_ids[0,0] + [0, T)`
+(the first new position is the number of filled slots: session.py's schedule) and the mask is moved onto the
+buffer: columns [0, C) as given, the new tokens' columns at their slots, the S slack columns masked. The slack
+takes the padded rows of a last prefill chunk near the end of the context, so every write stays in bounds
+without clamping. Masked slots contribute exact zeros, so the cache never needs clearing for correctness, only
+to hold finite values (it is zero after load; `ExecuTorchBackend.reset()` zeroes it in place by name).
+Programs are written with `MemoryPlanningPass(share_mutable_buffers=True)`: the buffers get their own memory
+(id 2). Without it they sit in the activation arena that ExecuTorch shares between host-only methods, and a
+`vision_encoder` call between two turns overwrites the conversation's cache (measured).
+
+Quantisation (`--quant int4-awq|int4-rtn`): symmetric int4 records (quant/) applied as torchao
+`IntxUnpackedToInt8Tensor` weights with the records' exact codes. On XNNPACK they run as "8da4w" (int8
+dynamic per-token activations, the form of `Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+weight_granularity=PerGroup(g))`); XNNPACK has no zero points for int4 and stores group scales as bfloat16,
+so asymmetric records are refused and the scales are rounded to bfloat16 in the PyTorch reference too (the
+program and its reference then hold identical weights; the rounding is reported). `--backend coreml` lowers
+through the Core ML delegate with weight-only int4 (float16 scales kept); it builds on Linux but cannot load
+here, so it is checked structurally only.
+
+ExecuTorch 1.5.1 behaviours worked around here (each found by a parity or speed measurement):
+- XNNPACK lowers `gelu(approximate="tanh")` as the exact erf GELU: the tanh form is spelled out (`_tanh_gelu`).
+- `buffer[:, :, slots] = x` drops x's leading unit axis, which the in-place index_put kernel rejects;
+  re-inplacing an index_put on an ordinary tensor (the mask) gives wrong logits: `index_put_` on buffers
+  only, spelled out, and a gather for the mask.
+- run_layers' GQA repeat_interleave and K transpose copy the whole cache per layer in portable kernels
+  (mid-size decode 6 tok/s): `StatefulDecoder` keeps K transposed and stacks query heads instead.
+- nn.MultiheadAttention's packed in-projection leaves three products to portable kernels (18 s per mid-size
+  slice): `SplitProjectionAttention`.
+- numpy's `[None]` gives stride-0 axes, which ExecuTorch rejects: inputs are copied (`as_tensor`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from export.bundle import (
+    _human,
+    add_export_arguments,
+    build_manifest,
+    check_export_arguments,
+    copy_model_files,
+    file_entry,
+    max_abs_error,
+    staged_directory,
+    write_embedding_table,
+)
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.modeling import MiniCPMV
+from minicpm.split import LanguageModelStep, VisionStep
+from runtime.cli import run
+from runtime.manifest import write_manifest
+from runtime.session import NEG_INF
+
+PROGRAM = "model.pte"
+METHODS = ["vision_encoder", "token_embedding", "text_decoder", "prefill"]
+VISION_INPUTS = ["pixel_values", "position_ids", "patch_mask", "pos_embed"]
+DECODER_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index"]
+LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")  # edge node names
+QUANT_METHODS = ("none", "int4-awq", "int4-rtn")
+GROUP_SIZE = 128  # quant.QuantConfig's default (AWQ, ONNX MatMulNBits blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The modules behind the methods
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StatefulDecoder(nn.Module):
+    """`text_decoder`: `LanguageModelStep` with its KV cache in mutable buffers (layout in the module docstring).
+
+    inputs_embeds [1,T,H], position_ids [1,T] int64, attention_mask [1,1,T,C+T] additive, last_index [1] int64
+    -> logits [1,V]; the T new K/V are written to slots position_ids[0,0] + [0, T).
+
+    The layers are `LanguageModelStep.run_layers` with its attention rearranged for a cache that stays put:
+    keys are stored transposed ([1, kv, head_dim, C+S], ready for q @ K) and the query heads sharing a KV head
+    are stacked into one matrix product, so no call copies the cache. run_layers' repeat_interleave and the
+    transpose for q @ K^T each copy the whole cache per layer in portable kernels, which held the mid-size
+    model to ~6 tok/s whatever the weights. Parity with LanguageModelStep is checked by `decoder_parity`.
+    """
+
+    def __init__(self, model: MiniCPMV, max_context: int, max_tokens: int):
+        super().__init__()
+        self.step = LanguageModelStep(model, max_context)
+        self.max_context, self.slack = max_context, max_tokens
+        self.layers = len(self.step.layers)
+        kv, slots, head_dim = self.step.kv_heads, max_context + max_tokens, self.step.head_dim
+        for i in range(self.layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, kv, head_dim, slots, dtype=model.dtype),
+                                 persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, kv, slots, head_dim, dtype=model.dtype),
+                                 persistent=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_index: torch.Tensor) -> torch.Tensor:
+        step = self.step
+        tokens = inputs_embeds.shape[1]
+        start = position_ids[0, :1]
+        slots = start + torch.arange(tokens)
+        # The host's keys are [C cache slots | T new tokens]; the buffer's are [C slots | S slack] with the new
+        # tokens written at their slots, so their mask columns move there: a gather + where, cheap at [T, C + S].
+        # (Not an index_put: ExecuTorch's re-inplace pass turns that one into wrong logits, measured.)
+        base = torch.cat([attention_mask[..., : self.max_context],
+                          torch.full((1, 1, tokens, self.slack), float(NEG_INF), dtype=attention_mask.dtype)], dim=-1)
+        offset = torch.arange(self.max_context + self.slack) - start
+        new = (offset >= 0) & (offset < tokens)
+        moved = torch.index_select(attention_mask[..., self.max_context:], 3, offset.clamp(0, tokens - 1))
+        mask = torch.where(new, moved, base)[:, :, None]  # [1, 1, 1, T, C+S]: broadcast over kv heads, groups
+
+        hidden = inputs_embeds
+        dtype = hidden.dtype
+        cos, sin = step.rope_cos[position_ids].to(dtype), step.rope_sin[position_ids].to(dtype)
+        kv, groups, head_dim = step.kv_heads, step.groups, step.head_dim
+        for i, layer in enumerate(step.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, tokens, -1, head_dim)
+            k = attn.k_proj(x).view(1, tokens, -1, head_dim)
+            v = attn.v_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            # rotated in [1, T, heads, head_dim]: run_layers' transposed form leaves symbolic strides that
+            # torch.export cannot prove viewable for every T (it would pin T to the example's length)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            keys, values = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            # index_put_ spelled out: `values[:, :, slots] = v` drops v's leading unit axis, which ExecuTorch's
+            # in-place index_put kernel (the re-inplaced cache write) rejects.
+            torch.ops.aten.index_put_(keys, [None, None, None, slots], k.permute(0, 2, 3, 1).to(keys.dtype))
+            torch.ops.aten.index_put_(values, [None, None, slots], v.to(values.dtype))
+            # query head h reads KV head h // groups (run_layers' repeat_interleave): its rows [groups * T]
+            q = q.view(1, tokens, kv, groups, head_dim).permute(0, 2, 3, 1, 4).reshape(kv, groups * tokens, head_dim)
+            scores = torch.bmm(q, keys[0]) * step.scaling
+            scores = scores.view(1, kv, groups, tokens, -1) + mask
+            probs = torch.softmax(scores.float(), dim=-1).to(dtype).view(kv, groups * tokens, -1)
+            out = torch.bmm(probs, values[0])  # [kv, groups * T, head_dim]
+            # back to [T, heads * head_dim] with slices, not a view: torch.export cannot prove the split of the
+            # symbolic [groups * T] axis viewable for every T and would pin T to the example's length
+            out = torch.stack([out[:, g * tokens:(g + 1) * tokens] for g in range(groups)], dim=1)
+            hidden = hidden + attn.o_proj(out.permute(2, 0, 1, 3).reshape(1, tokens, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = torch.index_select(step.norm(hidden), 1, last_index)
+        return step.lm_head(last)[:, 0]
+
+
+class SplitProjectionAttention(nn.Module):
+    """The resampler's `nn.MultiheadAttention` (sequence-first, no dropout, no weights returned) with its packed
+    [3E, E] in-projection held as three Linears. Packed, the projection weights are slices taken inside the
+    graph: not constants, so XNNPACK leaves those three products to portable kernels, which took most of the
+    mid-size vision step (18 s per slice). Same arithmetic as `F.multi_head_attention_forward`."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.batch_first or mha.in_proj_bias is None or mha.bias_k is not None:
+            raise ValueError("SplitProjectionAttention covers the resampler's MultiheadAttention layout only")
+        e = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e) for _ in range(3))
+        with torch.no_grad():
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                proj.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
+                proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+        self.out_proj = mha.out_proj
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False) -> tuple[torch.Tensor, None]:
+        (lq, batch, e), lk = query.shape, key.shape[0]
+        heads = self.num_heads
+
+        def split(x: torch.Tensor, length: int) -> torch.Tensor:  # [L, B, E] -> [B, heads, L, E/heads]
+            return x.view(length, batch, heads, e // heads).permute(1, 2, 0, 3)
+
+        q, k, v = split(self.q_proj(query), lq), split(self.k_proj(key), lk), split(self.v_proj(value), lk)
+        mask = None
+        if key_padding_mask is not None:  # True = padding, as nn.MultiheadAttention takes it
+            mask = torch.zeros(batch, 1, 1, lk, dtype=q.dtype).masked_fill(key_padding_mask[:, None, None, :],
+                                                                         float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(lq * batch, e))
+        return out.view(lq, batch, e), None
+
+
+def vision_step(model: MiniCPMV) -> VisionStep:
+    """`VisionStep` for export: the same modules, except a resampler copy whose attention has split
+    projections (`SplitProjectionAttention`); the model itself is left as it is."""
+    step = VisionStep(model).eval()
+    resampler = copy.copy(model.resampler)  # shares every parameter ...
+    resampler._modules = dict(model.resampler._modules)  # ... but not the table of submodules
+    resampler.attn = SplitProjectionAttention(model.resampler.attn)
+    step.resampler = resampler
+    return step
+
+
+class TokenEmbedding(nn.Module):
+    """`token_embedding`: input_ids [1,T] int64 -> raw (unscaled) embeddings [1,T,H]."""
+
+    def __init__(self, model: MiniCPMV):
+        super().__init__()
+        self.embed_tokens = model.llm.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor with ordinary strides. numpy gives size-1 axes added by `[None]` stride 0, which
+    torch keeps (even through clone / contiguous) and ExecuTorch rejects ("0 in strides")."""
+    out = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype)
+    return out.copy_(torch.from_numpy(np.asarray(array)))
+
+
+def decoder_inputs(embeds: np.ndarray, past: int, width: int, max_context: int) -> dict[str, np.ndarray]:
+    """The inputs session.py's schedule gives one LLM call: `len(embeds)` new tokens after `past` filled
+    slots, padded to `width` rows (used by the parity checks; mirrors `Session._run_llm`)."""
+    n, hidden = embeds.shape
+    x = np.zeros((1, width, hidden), dtype=np.float32)
+    x[0, :n] = embeds
+    positions = np.minimum(np.arange(past, past + width), max_context - 1).astype(np.int64)[None]
+    mask = np.full((1, 1, width, max_context + width), NEG_INF, dtype=np.float32)
+    mask[0, 0, :, :past] = 0.0
+    mask[0, 0, :, max_context:] = np.triu(np.full((width, width), NEG_INF, dtype=np.float32), 1)
+    mask[0, 0, n:, :past] = NEG_INF
+    return {"inputs_embeds": x, "position_ids": positions, "attention_mask": mask,
+            "last_index": np.asarray([n - 1], dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantisation: symmetric int4 records -> torchao weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantization:
+    """What `prepare_model` installed: the manifest's quantization entry and numbers for the summary."""
+
+    method: str = "none"
+    group_size: int | None = None
+    layers: int = 0  # int4 Linears
+    int8_layers: int = 0  # int8 per-channel Linears (lm_head with --lm-head int8)
+    scheme: str | None = None  # "8da4w" (XNNPACK) or "int4 weight-only" (Core ML)
+    scale_dtype: str | None = None
+    max_scale_rounding: float = 0.0  # largest relative change of a group scale (bfloat16 rounding)
+    kept: list[str] = field(default_factory=list)  # records left as dequantized float weights, and why
+
+    def manifest(self) -> dict:
+        if self.method == "none":
+            return {"method": "none", "bits": None, "group_size": None, "symmetric": None}
+        return {"method": self.method, "bits": 4, "group_size": self.group_size, "symmetric": True,
+                "layers": self.layers, "int8_layers": self.int8_layers, "scheme": self.scheme,
+                "scale_dtype": self.scale_dtype, "max_scale_rounding": self.max_scale_rounding}
+
+
+def make_records(ckpt: Checkpoint, model: MiniCPMV, method: str, group_size: int, lm_head: str, samples: int,
+                 calib: str | None) -> dict:
+    """Symmetric records for `model`, which is modified in place as quant/ does (AWQ folds its scales)."""
+    from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
+
+    config = QuantConfig(group_size=group_size, symmetric=True, lm_head=lm_head)
+    if method == "int4-rtn":
+        return rtn_quantize(model, config).records
+    from quant.calibration import build_calibration  # noqa: PLC0415
+
+    calibration = build_calibration(ckpt, model, calib, samples=samples, seq_len=256)
+    return awq_quantize(model, calibration, config).records
+
+
+def install_records(model: nn.Module, records: dict, activations_int8: bool, bf16_scales: bool) -> Quantization:
+    """Replace the weight of every Linear named by a record with a torchao `IntxUnpackedToInt8Tensor` holding
+    the record's codes as signed values (q = code - 8 for int4, code - 128 for int8), its scales and zero
+    points 0: int4 groupwise for the LLM blocks, int8 per output channel for an int8 lm_head record.
+
+    activations_int8: int8 dynamic per-token activations ("8da4w", XNNPACK) instead of weight-only (Core ML).
+    bf16_scales: round groupwise scales to bfloat16, which is what XNNPACK stores for them (per-channel
+    scales stay float32 there, so float16 record scales are exact)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor  # noqa: PLC0415
+
+    info = Quantization(scheme="8da4w" if activations_int8 else "int4 weight-only",
+                        scale_dtype="bfloat16" if bf16_scales else "float16")
+    for name, record in records.items():
+        half = 1 << (record.bits - 1)
+        if not record.symmetric or not bool((record.zeros == half).all()):
+            raise UserError(f"quantisation record {name} is asymmetric (zero points); ExecuTorch's XNNPACK int4 "
+                            "kernels have no zero points and would silently drop them: quantise with "
+                            "`python -m quant.awq --symmetric` (or let this exporter quantise)")
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):  # e.g. an int8 embedding record: the table stays float
+            info.kept.append(f"{name} ({record.bits}-bit {type(module).__name__}: dequantized float weight)")
+            continue
+        scale = record.scales.float()
+        if bf16_scales and record.group_size < module.in_features:
+            rounded = scale.to(torch.bfloat16).float()
+            info.max_scale_rounding = max(info.max_scale_rounding, float(((rounded - scale).abs() / scale).max()))
+            scale = rounded
+        qdata = (record.codes.to(torch.int16) - half).to(torch.int8)
+        weight = IntxUnpackedToInt8Tensor(
+            qdata, scale.to(module.weight.dtype), torch.zeros(scale.shape, dtype=torch.int8),
+            torch.int4 if record.bits == 4 else torch.int8, (1, record.group_size), module.weight.dtype,
+            "int8_asym_per_token" if activations_int8 else None)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        if record.bits == 4:
+            info.layers += 1
+            info.group_size = record.group_size
+        else:
+            info.int8_layers += 1
+    return info
+
+
+def prepare_model(ckpt: Checkpoint, quant: str = "none", group_size: int = GROUP_SIZE, backend: str = "xnnpack",
+                  lm_head: str = "keep", samples: int = 32, calib: str | None = None) -> tuple[MiniCPMV, Quantization]:
+    """The float32 model the program is traced from, with the records' weights installed for `quant` != "none".
+    Its eager modules are the program's PyTorch reference (the tests generate with it).
+
+    A quantised checkpoint directory (`python -m quant.awq --symmetric`) brings its own records, used as they
+    are (asymmetric ones are refused)."""
+    if quant not in QUANT_METHODS:
+        raise UserError(f"--quant must be one of {', '.join(QUANT_METHODS)}, got {quant!r}")
+    if quant != "none" and (ckpt.path / "quant_config.json").is_file():
+        from quant.checkpoint import load_quantized  # noqa: PLC0415
+
+        result = load_quantized(ckpt.path, "float32")
+        model, records = result.model, result.records
+        held = f"int4-{result.report.get('method')}"
+        if held != quant:
+            raise UserError(f"{ckpt.path} holds {held} records; pass --quant {held} (or a full-precision checkpoint)")
+    else:
+        model, _ = ckpt.load_model("float32")
+        records = make_records(ckpt, model, quant, group_size, lm_head, samples, calib) if quant != "none" else {}
+    model.eval().requires_grad_(False)
+    if quant == "none":
+        return model, Quantization()
+    xnnpack = backend == "xnnpack"
+    info = install_records(model, records, activations_int8=xnnpack, bf16_scales=xnnpack)
+    info.method = quant
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export and lowering
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """One method of the program: the torch module, its example inputs and dynamic shapes."""
+
+    module: nn.Module
+    example: tuple
+    dynamic: tuple | None = None
+
+
+def build_methods(model: MiniCPMV, max_context: int, chunk: int, max_patches: int,
+                  backend: str = "xnnpack") -> dict[str, Method]:
+    """Modules + example inputs. Examples have 2+ rows on every dynamic axis: length-1 examples specialise."""
+    from minicpm.image_processing import process_image  # noqa: PLC0415
+
+    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
+    slices = process_image(image, model.config.slice)
+    inputs = model.vision_inputs(slices.pixel_values[:1], slices.tgt_sizes[:1], pad_to=max_patches)
+    methods = {"vision_encoder": Method(vision_step(model), tuple(inputs[n] for n in VISION_INPUTS))}
+    ids = torch.export.Dim("ids", min=1, max=max_context)
+    methods["token_embedding"] = Method(TokenEmbedding(model).eval(), (torch.tensor([[1, 2, 3]]),), ({1: ids},))
+
+    decoder = StatefulDecoder(model, max_context, chunk).eval()  # one module: the methods share its buffers
+    hidden = model.config.hidden_size
+
+    def example(tokens: int) -> tuple:
+        step = decoder_inputs(np.random.RandomState(0).randn(tokens, hidden).astype(np.float32), 3, tokens,
+                              max_context)
+        return tuple(as_tensor(step[n]) for n in DECODER_INPUTS)
+
+    if backend == "xnnpack" and chunk > 1:
+        tokens = torch.export.Dim("tokens", min=1, max=chunk)
+        methods["text_decoder"] = Method(decoder, example(min(chunk, 8)),
+                                         ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None))
+    else:
+        methods["text_decoder"] = Method(decoder, example(1))
+        if chunk > 1:
+            methods["prefill"] = Method(decoder, example(chunk))
+    return methods
+
+
+def _tanh_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU's tanh approximation spelled out (mul, add, tanh: all XNNPACK ops). ExecuTorch 1.5.1's XNNPACK
+    delegate takes `gelu(approximate="tanh")` but lowers it as the exact erf GELU, an error of up to ~2e-4 per
+    activation in the SigLIP MLPs (`gelu_pytorch_tanh`). Exact GELU is left alone."""
+    if approximate != "tanh":
+        return NotImplemented
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def export_methods(methods: dict[str, Method]) -> dict[str, torch.export.ExportedProgram]:
+    programs = {}
+    with torch.no_grad(), warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        for name, method in methods.items():
+            program = torch.export.export(method.module, method.example, dynamic_shapes=method.dynamic, strict=False)
+            programs[name] = program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
+    return programs
+
+
+def partitioners(backend: str, dtype: torch.dtype, names: list[str]) -> dict[str, list]:
+    """The delegate's partitioner for each method."""
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: PLC0415
+
+        return {name: [XnnpackPartitioner()] for name in names}
+    import coremltools as ct  # noqa: PLC0415
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend  # noqa: PLC0415
+    from executorch.backends.apple.coreml.compiler.coreml_preprocess import (  # noqa: PLC0415
+        MULTIMETHOD_WEIGHT_SHARING_STRATEGY,
+    )
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: PLC0415
+
+    specs = CoreMLBackend.generate_compile_specs(
+        minimum_deployment_target=ct.target.iOS18,  # int4 blockwise weights need iOS 18
+        compute_precision=ct.precision.FLOAT32 if dtype == torch.float32 else ct.precision.FLOAT16)
+    # Vision and decoder are different networks: positional weight sharing (for twins) does not apply.
+    specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
+        MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
+    # The KV cache stays an ExecuTorch buffer (shared, named, zeroable) rather than a Core ML state, so the
+    # program keeps the XNNPACK program's contract; Core ML runs the compute between the cache writes, which
+    # stay portable ops (coremltools 9.0 cannot convert an index_put at a runtime position).
+    coreml = CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=False,
+                               skip_ops_for_coreml_delegation=["aten.index_put.default"])
+    # The embedding lookup (dynamic length, a memcpy) stays a portable op.
+    return {name: [] if name == "token_embedding" else [coreml] for name in names}
+
+
+def lower(programs: dict, backend: str, metadata: dict, dtype: torch.dtype):
+    """to_edge_transform_and_lower + to_executorch -> (ExecutorchProgramManager, the edge manager)."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower  # noqa: PLC0415
+    from executorch.exir.passes import MemoryPlanningPass  # noqa: PLC0415
+
+    # coremltools draws a progress bar per pass and partition: noise here, the summary says what happened.
+    chatter = contextlib.redirect_stderr(io.StringIO()) if backend == "coreml" else contextlib.nullcontext()
+    with warnings.catch_warnings(), _quiet(), chatter:
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(programs, partitioner=partitioners(backend, dtype, list(programs)),
+                                           constant_methods=metadata,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            # The cache buffers get their own memory, shared by every method (see the module docstring).
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,  # hosts find (and may zero) k_cache_{i} / v_cache_{i} by name
+            run_reinplace_pass=True,  # cache writes in place, not a copy of the whole buffer per call
+        ))
+    return program, edge
+
+
+def metadata_methods(ckpt: Checkpoint, max_context: int, chunk: int, dynamic: bool) -> dict:
+    """The LLM runner's constant methods."""
+    tok = ckpt.tokenizer
+    # BOS is what every prompt starts with: the tokenizer's, else the chat template's <|im_start|>.
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.convert_tokens_to_ids("<|im_start|>")
+    return {"get_max_seq_len": chunk, "get_max_context_len": max_context, "get_bos_id": int(bos),
+            "get_eos_ids": [int(i) for i in ckpt.stop_ids], "use_kv_cache": True, "enable_dynamic_shape": dynamic}
+
+
+def delegation(edge, backend_id: str) -> dict[str, dict]:
+    """Per method: delegated subgraphs / nodes, nodes left to portable kernels, and how many of the matrix
+    products with a weight (linear / mm / addmm nodes) run inside a delegate."""
+    from executorch.devtools.backend_debug import get_delegation_info  # noqa: PLC0415
+
+    out = {}
+    for name in sorted(edge.methods, key=METHODS.index):
+        gm = edge.exported_program(name).graph_module
+        info = get_delegation_info(gm)
+        by_op = info.delegation_by_operator
+        backends = sorted({getattr(gm, n.target).backend_id for n in gm.graph.nodes
+                           if n.op == "get_attr" and n.target.startswith("lowered_module")})
+        if backends and backends != [backend_id]:
+            raise RuntimeError(f"{name}: delegated to {backends}, expected {backend_id}")
+        out[name] = {"subgraphs": info.num_delegated_subgraphs, "delegated_nodes": info.num_delegated_nodes,
+                     "portable_nodes": info.num_non_delegated_nodes,
+                     "linear_delegated": sum(by_op[op].delegated for op in LINEAR_OPS if op in by_op),
+                     "linear_ops": sum(by_op[op].delegated + by_op[op].non_delegated for op in LINEAR_OPS
+                                       if op in by_op),
+                     "backends": backends}
+    return out
+
+
+def method_bytes(edge) -> dict[str, int]:
+    """Bytes each method brings to the program: its delegate blobs, the named weights they reference and the
+    constants its portable ops read (weights shared between methods count for each of them)."""
+    out = {}
+    for name in edge.methods:
+        program = edge.exported_program(name)
+        gm, signature = program.graph_module, program.graph_signature
+        named, total = {}, 0
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target.startswith("lowered_module"):
+                lowered = getattr(gm, node.target)
+                total += len(lowered.processed_bytes)
+                store = lowered.named_data_store_output
+                for key, entry in (store.pte_data if store is not None else {}).items():
+                    named[key] = len(store.buffers[entry.buffer_index])
+        mutated = set(signature.buffers_to_mutate.values())
+        constants = {**signature.inputs_to_parameters, **signature.inputs_to_lifted_tensor_constants,
+                     **{k: v for k, v in signature.inputs_to_buffers.items() if v not in mutated}}
+        tensors = {**program.state_dict, **program.constants}
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and node.name in constants and node.users:
+                value = tensors.get(constants[node.name])
+                total += value.nbytes if isinstance(value, torch.Tensor) else 0
+        out[name] = total + sum(named.values())
+    return out
+
+
+def count_linears(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity: the program through executorch.runtime against the torch modules it was traced from
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_program(path: Path):
+    from executorch.runtime import Runtime  # noqa: PLC0415
+
+    return Runtime.get().load_program(path)
+
+
+@torch.no_grad()
+def parity(path: Path, methods: dict[str, Method], model: MiniCPMV, max_context: int, chunk: int) -> dict[str, float]:
+    """Max |error| of each method against its torch module: vision on a real slice, the embedding on edge ids,
+    the decoder over a whole schedule (see `decoder_parity`)."""
+    program = load_program(path)
+    errors = {}
+    vision = methods["vision_encoder"]
+    errors["vision_encoder"] = max_abs_error(program.load_method("vision_encoder").execute(list(vision.example))[0],
+                                             vision.module(*vision.example))
+    ids = torch.tensor([[0, 5, 1, model.config.llm.vocab_size - 1]])
+    errors["token_embedding"] = max_abs_error(program.load_method("token_embedding").execute([ids])[0],
+                                              methods["token_embedding"].module(ids))
+    errors["text_decoder"] = decoder_parity(program.load_method("text_decoder").execute, model, max_context, chunk)
+    return errors
+
+
+@torch.no_grad()
+def decoder_parity(execute: Callable[[list], list], model: MiniCPMV, max_context: int, chunk: int,
+                   seed: int = 0) -> float:
+    """Run a schedule through a fresh stateful `execute` and through `LanguageModelStep` with a host-held
+    cache (what the ONNX/torch backends do): a full prefill chunk, two decode steps, then a padded chunk at the
+    end of the context whose pad rows land in the slack. The max |logit difference| over all calls."""
+    step = LanguageModelStep(model, max_context).eval()
+    shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
+    keys, values = torch.zeros(shape), torch.zeros(shape)
+    rng = np.random.RandomState(seed)
+    hidden = model.config.hidden_size
+    tail = max(1, chunk - 2)
+    calls = [(chunk, 0, chunk), (1, None, 1), (1, None, 1), (tail, max_context - tail, chunk)]
+    past, error = 0, 0.0
+    for n, start, width in calls:
+        past = past if start is None else start
+        inputs = decoder_inputs(rng.randn(n, hidden).astype(np.float32), past, width, max_context)
+        tensors = [as_tensor(inputs[k]) for k in DECODER_INPUTS]
+        got = execute(tensors)[0]
+        expected, new_keys, new_values = step(*tensors, keys, values)
+        keys[:, :, past:past + n] = new_keys[:, :, :n]
+        values[:, :, past:past + n] = new_values[:, :, :n]
+        error = max(error, max_abs_error(got, expected))
+        past += n
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export, lower, check parity, write the staged directory (model.pte, token_embedding.bin, model files,
+    manifest.json) and print the summary table."""
+    parser = argparse.ArgumentParser(prog="python -m export.executorch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(parser)
+    parser.add_argument("--quant", choices=QUANT_METHODS, default="none",
+                        help="int4 weights of the LLM blocks, symmetric (default none)")
+    parser.add_argument("--group-size", type=int, default=GROUP_SIZE,
+                        help=f"int4 group size: 32, 64 or 128 (default {GROUP_SIZE})")
+    parser.add_argument("--lm-head", choices=("keep", "int8"), default="keep",
+                        help="output head: float (default) or int8 per channel (8da8w on XNNPACK)")
+    parser.add_argument("--samples", type=int, default=32, help="AWQ calibration samples (default 32)")
+    parser.add_argument("--calib", help="AWQ calibration JSONL (default: the built-in offline set)")
+    parser.add_argument("--backend", choices=("xnnpack", "coreml"), default="xnnpack",
+                        help="delegate: xnnpack (CPU, runs here) or coreml (Apple; built and checked structurally)")
+    parser.add_argument("--dtype", choices=("fp32",), default="fp32", help="graph and weight precision")
+    args = parser.parse_args(argv)
+    check_export_arguments(args)
+    dtype = torch.float32
+    bar = tqdm(total=6, desc="export.executorch", unit="step")
+    bar.set_postfix_str("loading checkpoint" + (f", {args.quant}" if args.quant != "none" else ""))
+    seconds = {}
+    t = time.perf_counter()
+    ckpt = Checkpoint.open(args.model)
+    model, quant = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
+                                  args.calib)
+    seconds["load + quantise"] = time.perf_counter() - t
+    bar.update()
+    with staged_directory(args.out) as out:
+        bar.set_postfix_str("torch.export")
+        t = time.perf_counter()
+        try:
+            methods = build_methods(model, args.max_context, args.prefill_chunk, args.max_patches, args.backend)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        programs = export_methods(methods)
+        seconds["export"] = time.perf_counter() - t
+        bar.update()
+        bar.set_postfix_str(f"lowering to {args.backend}")
+        t = time.perf_counter()
+        backend_id = "XnnpackBackend" if args.backend == "xnnpack" else "CoreMLBackend"
+        metadata = metadata_methods(ckpt, args.max_context, args.prefill_chunk,
+                                    dynamic=methods["text_decoder"].dynamic is not None)
+        program, edge = lower(programs, args.backend, metadata, dtype)
+        delegated = delegation(edge, backend_id)
+        for name, size in method_bytes(edge).items():
+            delegated[name]["bytes"] = size
+        path = out / PROGRAM
+        path.write_bytes(program.buffer)
+        seconds["lower"] = time.perf_counter() - t
+        bar.update()
+        bar.set_postfix_str("parity")
+        t = time.perf_counter()
+        # Core ML programs build on Linux but load on Apple platforms only: no parity here.
+        errors = parity(path, methods, model, args.max_context, args.prefill_chunk) if args.backend == "xnnpack" else {}
+        seconds["parity"] = time.perf_counter() - t
+        bar.update()
+        bar.set_postfix_str("embedding table, tokenizer")
+        specs = _method_specs(methods, model)
+        for name, spec in specs.items():
+            spec["delegation"] = delegated[name]
+        artifacts = {"program": {**file_entry(out, PROGRAM), "format": "pte", "backend": backend_id,
+                                 "methods": specs, "constant_methods": metadata},
+                     "token_embedding": write_embedding_table(model, out, dtype)}
+        files = copy_model_files(ckpt, out)
+        bar.update()
+        bar.set_postfix_str("manifest")
+        prefill = "prefill" if "prefill" in methods else "text_decoder"
+        steps = {"vision": {"artifact": "program", "function": "vision_encoder"},
+                 "embedding": {"artifact": "program", "function": "token_embedding"},
+                 "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
+                 "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
+        manifest = build_manifest("executorch", ckpt, model, args.model, artifacts, files, args, "float32",
+                                  errors, quant.manifest(), steps)
+        decoder = methods["text_decoder"].module
+        manifest["schedule"]["kv_cache"].update({
+            "location": "program mutable buffers", "buffers": {"k_cache_{i}": list(decoder.k_cache_0.shape),
+                                                               "v_cache_{i}": list(decoder.v_cache_0.shape)},
+            "slack_slots": decoder.slack, "write_slots": "position_ids[0,0] + arange(T)"})
+        write_manifest(out, manifest)
+        bar.update()
+    bar.close()
+    _print_summary(args, ckpt, artifacts, delegated, errors, methods, quant, seconds)
+    return 0
+
+
+def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
+    """Input / output names, shapes (a dynamic axis by its name, e.g. "tokens" or "tokens + 4096") and dtypes."""
+    h, q, v = model.config.hidden_size, model.config.query_num, model.config.llm.vocab_size
+    inputs = {"vision_encoder": VISION_INPUTS, "token_embedding": ["input_ids"], "text_decoder": DECODER_INPUTS,
+              "prefill": DECODER_INPUTS}
+    specs = {}
+    for name, method in methods.items():
+        tensors = []
+        for label, x, dims in zip(inputs[name], method.example, method.dynamic or [None] * len(method.example),
+                                  strict=True):
+            shape: list = list(x.shape)
+            for axis, dim in (dims or {}).items():
+                shape[axis] = dim.__name__
+            tensors.append({"name": label, "shape": shape, "dtype": str(x.dtype).removeprefix("torch.")})
+        outputs = {"vision_encoder": ("features", [1, q, h]), "token_embedding": ("embeddings", [1, "ids", h]),
+                   "text_decoder": ("logits", [1, v]), "prefill": ("logits", [1, v])}
+        label, shape = outputs[name]
+        specs[name] = {"inputs": tensors, "outputs": [{"name": label, "shape": shape, "dtype": "float32"}]}
+    return specs
+
+
+def _print_summary(args: argparse.Namespace, ckpt: Checkpoint, artifacts: dict, delegated: dict, errors: dict,
+                   methods: dict[str, Method], quant: Quantization, seconds: dict) -> None:
+    """method, parity vs torch, delegation (subgraphs, nodes in / out of delegates, linear layers delegated)."""
+    scheme = quant.scheme or "fp32"
+    print(f"\nExecuTorch export ({args.backend}, {scheme}) of {ckpt.config.variant.name} -> {args.out}")
+    print(f"{'method':<18}{'size':>10}{'max |err|':>11}{'subgraphs':>11}{'delegated':>11}{'portable':>10}"
+          f"{'linear ops delegated':>22}{'nn.Linear':>11}")
+    for name, d in delegated.items():
+        err = f"{errors[name]:.2e}" if name in errors else "-"
+        linear = f"{d['linear_delegated']}/{d['linear_ops']}"
+        print(f"{name:<18}{_human(d['bytes']):>10}{err:>11}{d['subgraphs']:>11}{d['delegated_nodes']:>11}"
+              f"{d['portable_nodes']:>10}{linear:>22}{count_linears(methods[name].module):>11}")
+    print(f"{PROGRAM} {_human(artifacts['program']['size'])} (every method, one file); token_embedding.bin "
+          f"{_human(artifacts['token_embedding']['size'])} (the table the host indexes)")
+    if quant.method != "none":
+        print(f"quantisation: {quant.method} as {scheme}, group {quant.group_size}, {quant.layers} int4 layers, "
+              f"{quant.int8_layers} int8, group scales {quant.scale_dtype} (largest relative rounding "
+              f"{quant.max_scale_rounding:.1e})")
+        for line in quant.kept:
+            print(f"  kept: {line}")
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+
+
+class _quiet:
+    """Silence the exporters' progress chatter (our own progress bar says what is happening)."""
+
+    def __enter__(self):
+        names = ("torch.export", "torch._dynamo", "torch._export", "executorch", "coremltools", "torchao", "root")
+        self.loggers = [logging.getLogger(n) for n in names]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
+
+
+if __name__ == "__main__":
+    run(main)
