@@ -54,7 +54,6 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +72,7 @@ from export.bundle import (
     staged_directory,
     write_embedding_table,
 )
+from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -84,7 +84,7 @@ GENERATOR = "minicpm-mobile 0.1.0"
 VISION_INPUTS = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
 LLM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index")
 FUNCTIONS = ("prefill", "decode")
-QUANT_METHODS = ("int4-awq", "int4-rtn", "none")
+COMPRESSION = {"format": "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"}
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 TARGETS = ("iOS18", "macOS15")  # the first targets with states and constexpr_blockwise_shift_scale
 KEEP_FP32 = "minicpm-mobile: keep fp32"  # tag put on RMSNorm nodes; the fp16 pass leaves tagged ops alone
@@ -170,107 +170,14 @@ def language_model(model: MiniCPMV, records: dict, max_context: int, chunk: int,
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Quantization:
-    """What was quantised, for the manifest and the summary."""
-
-    method: str = "none"
-    group_size: int | None = None
-    symmetric: bool | None = None
-    int4_layers: int = 0
-    lm_head: str = "fp16"
-    source: str = "none"  # "this export", or the quantised checkpoint the records came from
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    def manifest(self) -> dict:
-        if self.method == "none":
-            entry = {"method": "none", "bits": None, "group_size": None, "symmetric": None}
-        else:
-            entry = {"method": self.method, "bits": 4, "group_size": self.group_size, "symmetric": self.symmetric,
-                     "layers": self.int4_layers}
-        entry.update(lm_head=self.lm_head, records_from=self.source)
-        if self.method != "none" or self.lm_head == "int8":
-            entry["format"] = "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"
-        return entry
-
-
-def prepare_model(ckpt: Checkpoint, quant: str | None = "int4-awq", group_size: int | None = None,
+def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
                   lm_head: str | None = None, samples: int = 64, seq_len: int = 512,
                   calib: str | None = None) -> tuple[MiniCPMV, dict, Quantization]:
-    """The float32 model with its quantised weights installed, the records to write, and a summary.
-
-    A quantised checkpoint directory (`python -m quant.awq`) brings its own records, used as they are; otherwise
-    `quant` says what to run here (AWQ on the built-in calibration set, or RTN). quant None = the checkpoint's
-    method, else int4-awq. lm_head None = int8 when quantising, else fp16.
-    """
-    info = Quantization()
-    start = time.perf_counter()
-    quantized_dir = (ckpt.path / "quant_config.json").is_file()
-    if quantized_dir:
-        from quant.checkpoint import load_quantized  # noqa: PLC0415
-
-        result = load_quantized(ckpt.path, "float32")
-        model, records = result.model, dict(result.records)
-        method = f"int4-{result.report.get('method', 'awq')}"
-        if quant not in (None, method):
-            raise UserError(f"{ckpt.path} is already quantised ({method}); drop --quant or pass --quant {method}")
-        given = {r.group_size for r in records.values() if r.bits == 4}
-        if group_size is not None and given and given != {group_size}:
-            raise UserError(f"{ckpt.path} holds group size {sorted(given)}, not --group-size {group_size}")
-        info.method, info.source = method, str(ckpt.path)
-    else:
-        method = quant or "int4-awq"
-        model, _ = ckpt.load_model("float32")
-        records = {}
-        if method != "none":
-            from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
-
-            config = QuantConfig(group_size=group_size or 128, lm_head="int8" if lm_head != "fp16" else "keep")
-            if method == "int4-rtn":
-                records = rtn_quantize(model, config).records
-            else:
-                from quant.calibration import build_calibration  # noqa: PLC0415
-
-                calibration = build_calibration(ckpt, model, calib, samples=samples, seq_len=seq_len)
-                records = awq_quantize(model, calibration, config).records
-                del calibration
-        info.method, info.source = method, "this export" if method != "none" else "none"
-    model.eval().requires_grad_(False)
-    # Only the LLM's records are written (vision stays float; quant/ leaves it alone by default).
-    kept = sorted(n for n in records if not n.startswith("llm."))
-    if kept:
-        info.notes.append(f"{len(kept)} non-LLM records kept as float weights ({kept[0]}, ...)")
-    records = {n: r for n, r in records.items() if n.startswith("llm.")}
-    head = "llm.lm_head"
-    lm_head = lm_head or ("int8" if info.method != "none" else "fp16")
-    if lm_head == "int8" and head not in records:
-        records[head] = int8_head(model)
-    elif lm_head == "fp16" and head in records:
-        records.pop(head)
-        info.notes.append("lm_head stored as float (its int8 record's dequantised values, --lm-head fp16)")
-    info.lm_head = lm_head
-    int4 = [r for r in records.values() if r.bits == 4]
-    info.int4_layers = len(int4)
-    if int4:
-        info.group_size = int4[0].group_size
-        info.symmetric = all(r.symmetric for r in int4)
-    info.seconds = time.perf_counter() - start
-    return model, records, info
-
-
-def int8_head(model: MiniCPMV):
-    """Per-row symmetric int8 record of lm_head (quant/'s int8 scheme), installed as its own Parameter so a
-    tied embedding table keeps its float weights."""
-    from quant import QuantRecord  # noqa: PLC0415
-    from quant.codes import quantize_int8_rows  # noqa: PLC0415
-
-    head = model.llm.lm_head
-    q, scale, zero = quantize_int8_rows(head.weight.detach())
-    record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=head.weight.shape[1],
-                         bits=8, symmetric=True)
-    head.weight = nn.Parameter(record.dequantize(head.weight.dtype), requires_grad=False)
-    return record
+    """The float32 model with its quantised weights installed, the LLM records to write, and a summary
+    (export.quantization). Defaults for Core ML: quant None = a quantised checkpoint's own method, else int4-awq;
+    lm_head None = int8 when quantising."""
+    return quantized_model(ckpt, quant, group_size, None, lm_head, samples, calib, seq_len, default="int4-awq",
+                           default_lm_head="int8")
 
 
 def check_records(model: MiniCPMV, records: dict) -> None:
@@ -649,8 +556,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="LLM weights: int4 AWQ (default; built-in calibration set), int4 round-to-nearest, or "
                              "none. A quantised checkpoint directory (python -m quant.awq) brings its own records.")
     parser.add_argument("--group-size", type=int, help="input channels per int4 group: 32, 64 or 128 (default 128)")
-    parser.add_argument("--lm-head", choices=("int8", "fp16"),
-                        help="output head: per-row int8 (default when quantising) or float (default with --quant none)")
+    parser.add_argument("--lm-head", choices=("int8", "keep"),
+                        help="output head: per-row int8 (default when quantising) or float (keep; default with --quant "
+                             "none)")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                         help="weights and compute (RMSNorm stays fp32 either way; the KV state is always fp16)")
     parser.add_argument("--compute-units", choices=COMPUTE_UNITS, default="all",
@@ -668,8 +576,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError("--ane-vision needs --precision fp16 (the Neural Engine computes in fp16 only)")
     if args.group_size is not None and args.group_size not in (32, 64, 128):
         raise UserError(f"--group-size must be 32, 64 or 128, got {args.group_size}")
-    if args.quant == "none" and args.group_size is not None:
-        raise UserError("--group-size applies to int4 quantisation, not --quant none")
     if args.samples < 1 or args.seq_len < 8:
         raise UserError("--samples must be >= 1 and --seq-len >= 8")
     return args
@@ -744,8 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = {"vision": {"artifact": "vision", "function": "main", "batch": 1},
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
                  "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
+        written = quant.int4_layers + quant.int8_layers
         manifest = build_manifest("coreml", ckpt, patches_per_side, args.model, artifacts, files, args, dtype_name,
-                                  parity, quant.manifest(), steps)
+                                  parity, quant.manifest(**COMPRESSION if written else {}), steps)
         manifest["schedule"]["coreml"] = {
             "target": args.target,
             "compute_units": {"vision": "cpu_and_ne" if args.ane_vision else args.compute_units,

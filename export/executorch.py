@@ -61,7 +61,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ from export.bundle import (
     staged_directory,
     write_embedding_table,
 )
+from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -95,8 +96,6 @@ METHODS = ["vision_encoder", "token_embedding", "text_decoder", "prefill"]
 VISION_INPUTS = ["pixel_values", "position_ids", "patch_mask", "pos_embed"]
 DECODER_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index"]
 LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")  # edge node names
-QUANT_METHODS = ("none", "int4-awq", "int4-rtn")
-GROUP_SIZE = 128  # quant.QuantConfig's default (AWQ, ONNX MatMulNBits blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,53 +265,19 @@ def decoder_inputs(embeds: np.ndarray, past: int, width: int, max_context: int) 
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Quantization:
-    """What `prepare_model` installed: the manifest's quantization entry and numbers for the summary."""
-
-    method: str = "none"
-    group_size: int | None = None
-    layers: int = 0  # int4 Linears
-    int8_layers: int = 0  # int8 per-channel Linears (lm_head with --lm-head int8)
-    scheme: str | None = None  # "8da4w" (XNNPACK) or "int4 weight-only" (Core ML)
-    scale_dtype: str | None = None
-    max_scale_rounding: float = 0.0  # largest relative change of a group scale (bfloat16 rounding)
-    kept: list[str] = field(default_factory=list)  # records left as dequantized float weights, and why
-
-    def manifest(self) -> dict:
-        if self.method == "none":
-            return {"method": "none", "bits": None, "group_size": None, "symmetric": None}
-        return {"method": self.method, "bits": 4, "group_size": self.group_size, "symmetric": True,
-                "layers": self.layers, "int8_layers": self.int8_layers, "scheme": self.scheme,
-                "scale_dtype": self.scale_dtype, "max_scale_rounding": self.max_scale_rounding}
-
-
-def make_records(ckpt: Checkpoint, model: MiniCPMV, method: str, group_size: int, lm_head: str, samples: int,
-                 calib: str | None) -> dict:
-    """Symmetric records for `model`, which is modified in place as quant/ does (AWQ folds its scales)."""
-    from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
-
-    config = QuantConfig(group_size=group_size, symmetric=True, lm_head=lm_head)
-    if method == "int4-rtn":
-        return rtn_quantize(model, config).records
-    from quant.calibration import build_calibration  # noqa: PLC0415
-
-    calibration = build_calibration(ckpt, model, calib, samples=samples, seq_len=256)
-    return awq_quantize(model, calibration, config).records
-
-
-def install_records(model: nn.Module, records: dict, activations_int8: bool, bf16_scales: bool) -> Quantization:
+def install_records(model: nn.Module, records: dict, activations_int8: bool, bf16_scales: bool) -> dict:
     """Replace the weight of every Linear named by a record with a torchao `IntxUnpackedToInt8Tensor` holding
     the record's codes as signed values (q = code - 8 for int4, code - 128 for int8), its scales and zero
     points 0: int4 groupwise for the LLM blocks, int8 per output channel for an int8 lm_head record.
 
     activations_int8: int8 dynamic per-token activations ("8da4w", XNNPACK) instead of weight-only (Core ML).
     bf16_scales: round groupwise scales to bfloat16, which is what XNNPACK stores for them (per-channel
-    scales stay float32 there, so float16 record scales are exact)."""
+    scales stay float32 there, so float16 record scales are exact).
+    Returns the manifest facts: scheme, scale dtype and the largest relative rounding of a group scale."""
     from torchao.quantization import IntxUnpackedToInt8Tensor  # noqa: PLC0415
 
-    info = Quantization(scheme="8da4w" if activations_int8 else "int4 weight-only",
-                        scale_dtype="bfloat16" if bf16_scales else "float16")
+    facts = {"scheme": "8da4w" if activations_int8 else "int4 weight-only",
+             "scale_dtype": "bfloat16" if bf16_scales else "float16", "max_scale_rounding": 0.0}
     for name, record in records.items():
         half = 1 << (record.bits - 1)
         if not record.symmetric or not bool((record.zeros == half).all()):
@@ -320,13 +285,11 @@ def install_records(model: nn.Module, records: dict, activations_int8: bool, bf1
                             "kernels have no zero points and would silently drop them: quantise with "
                             "`python -m quant.awq --symmetric` (or let this exporter quantise)")
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):  # e.g. an int8 embedding record: the table stays float
-            info.kept.append(f"{name} ({record.bits}-bit {type(module).__name__}: dequantized float weight)")
-            continue
         scale = record.scales.float()
         if bf16_scales and record.group_size < module.in_features:
             rounded = scale.to(torch.bfloat16).float()
-            info.max_scale_rounding = max(info.max_scale_rounding, float(((rounded - scale).abs() / scale).max()))
+            facts["max_scale_rounding"] = max(facts["max_scale_rounding"],
+                                              float(((rounded - scale).abs() / scale).max()))
             scale = rounded
         qdata = (record.codes.to(torch.int16) - half).to(torch.int8)
         weight = IntxUnpackedToInt8Tensor(
@@ -334,41 +297,23 @@ def install_records(model: nn.Module, records: dict, activations_int8: bool, bf1
             torch.int4 if record.bits == 4 else torch.int8, (1, record.group_size), module.weight.dtype,
             "int8_asym_per_token" if activations_int8 else None)
         module.weight = nn.Parameter(weight, requires_grad=False)
-        if record.bits == 4:
-            info.layers += 1
-            info.group_size = record.group_size
-        else:
-            info.int8_layers += 1
-    return info
+    return facts
 
 
-def prepare_model(ckpt: Checkpoint, quant: str = "none", group_size: int = GROUP_SIZE, backend: str = "xnnpack",
-                  lm_head: str = "keep", samples: int = 32, calib: str | None = None) -> tuple[MiniCPMV, Quantization]:
-    """The float32 model the program is traced from, with the records' weights installed for `quant` != "none".
+def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
+                  backend: str = "xnnpack", lm_head: str | None = None, samples: int = 32,
+                  calib: str | None = None) -> tuple[MiniCPMV, Quantization, dict]:
+    """The float32 model the program is traced from, with the records' weights installed as torchao tensors,
+    the quantisation summary (export.quantization) and the format's manifest facts (`install_records`).
     Its eager modules are the program's PyTorch reference (the tests generate with it).
 
-    A quantised checkpoint directory (`python -m quant.awq --symmetric`) brings its own records, used as they
-    are (asymmetric ones are refused)."""
-    if quant not in QUANT_METHODS:
-        raise UserError(f"--quant must be one of {', '.join(QUANT_METHODS)}, got {quant!r}")
-    if quant != "none" and (ckpt.path / "quant_config.json").is_file():
-        from quant.checkpoint import load_quantized  # noqa: PLC0415
-
-        result = load_quantized(ckpt.path, "float32")
-        model, records = result.model, result.records
-        held = f"int4-{result.report.get('method')}"
-        if held != quant:
-            raise UserError(f"{ckpt.path} holds {held} records; pass --quant {held} (or a full-precision checkpoint)")
-    else:
-        model, _ = ckpt.load_model("float32")
-        records = make_records(ckpt, model, quant, group_size, lm_head, samples, calib) if quant != "none" else {}
-    model.eval().requires_grad_(False)
-    if quant == "none":
-        return model, Quantization()
+    quant None = a quantised checkpoint directory's own method (its records are used as they are), else none.
+    Records are symmetric: XNNPACK's int4 kernels have no zero points (asymmetric directories are refused)."""
+    model, records, info = quantized_model(ckpt, quant, group_size, True, lm_head, samples, calib)
+    if not records:
+        return model, info, {}
     xnnpack = backend == "xnnpack"
-    info = install_records(model, records, activations_int8=xnnpack, bf16_scales=xnnpack)
-    info.method = quant
-    return model, info
+    return model, info, install_records(model, records, activations_int8=xnnpack, bf16_scales=xnnpack)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -612,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.executorch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_export_arguments(parser)
-    parser.add_argument("--quant", choices=QUANT_METHODS, default="none",
-                        help="int4 weights of the LLM blocks, symmetric (default none)")
-    parser.add_argument("--group-size", type=int, default=GROUP_SIZE,
-                        help=f"int4 group size: 32, 64 or 128 (default {GROUP_SIZE})")
-    parser.add_argument("--lm-head", choices=("keep", "int8"), default="keep",
-                        help="output head: float (default) or int8 per channel (8da8w on XNNPACK)")
+    parser.add_argument("--quant", choices=QUANT_METHODS,
+                        help="int4 weights of the LLM blocks, symmetric: AWQ (built-in calibration set, or --calib), "
+                             "round-to-nearest, or none (default). A quantised checkpoint directory (python -m "
+                             "quant.awq --symmetric) as --model brings its own records")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="input channels per int4 group (128)")
+    parser.add_argument("--lm-head", choices=("keep", "int8"),
+                        help="output head: float (keep, default) or int8 per channel (8da8w on XNNPACK)")
     parser.add_argument("--samples", type=int, default=32, help="AWQ calibration samples (default 32)")
     parser.add_argument("--calib", help="AWQ calibration JSONL (default: the built-in offline set)")
     parser.add_argument("--backend", choices=("xnnpack", "coreml"), default="xnnpack",
@@ -626,15 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_export_arguments(args)
     dtype = torch.float32
-    bar = tqdm(total=6, desc="export.executorch", unit="step")
-    bar.set_postfix_str("loading checkpoint" + (f", {args.quant}" if args.quant != "none" else ""))
+    # Loading and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
+    # on stderr (AWQ shows its own progress).
     seconds = {}
     t = time.perf_counter()
     ckpt = Checkpoint.open(args.model)
-    model, quant = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
-                                  args.calib)
+    model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
+                                        args.calib)
     seconds["load + quantise"] = time.perf_counter() - t
-    bar.update()
+    bar = tqdm(total=5, desc="export.executorch", unit="step")
     with staged_directory(args.out) as out:
         bar.set_postfix_str("torch.export")
         t = time.perf_counter()
@@ -680,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                  "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_manifest("executorch", ckpt, model, args.model, artifacts, files, args, "float32",
-                                  errors, quant.manifest(), steps)
+                                  errors, quant.manifest(**facts), steps)
         decoder = methods["text_decoder"].module
         manifest["schedule"]["kv_cache"].update({
             "location": "program mutable buffers", "buffers": {"k_cache_{i}": list(decoder.k_cache_0.shape),
@@ -689,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         write_manifest(out, manifest)
         bar.update()
     bar.close()
-    _print_summary(args, ckpt, artifacts, delegated, errors, methods, quant, seconds)
+    _print_summary(args, ckpt, artifacts, delegated, errors, methods, quant, facts, seconds)
     return 0
 
 
@@ -715,9 +661,9 @@ def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
 
 
 def _print_summary(args: argparse.Namespace, ckpt: Checkpoint, artifacts: dict, delegated: dict, errors: dict,
-                   methods: dict[str, Method], quant: Quantization, seconds: dict) -> None:
+                   methods: dict[str, Method], quant: Quantization, facts: dict, seconds: dict) -> None:
     """method, parity vs torch, delegation (subgraphs, nodes in / out of delegates, linear layers delegated)."""
-    scheme = quant.scheme or "fp32"
+    scheme = facts.get("scheme", "fp32")
     print(f"\nExecuTorch export ({args.backend}, {scheme}) of {ckpt.config.variant.name} -> {args.out}")
     print(f"{'method':<18}{'size':>10}{'max |err|':>11}{'subgraphs':>11}{'delegated':>11}{'portable':>10}"
           f"{'linear ops delegated':>22}{'nn.Linear':>11}")
@@ -728,12 +674,10 @@ def _print_summary(args: argparse.Namespace, ckpt: Checkpoint, artifacts: dict, 
               f"{d['portable_nodes']:>10}{linear:>22}{count_linears(methods[name].module):>11}")
     print(f"{PROGRAM} {_human(artifacts['program']['size'])} (every method, one file); token_embedding.bin "
           f"{_human(artifacts['token_embedding']['size'])} (the table the host indexes)")
-    if quant.method != "none":
-        print(f"quantisation: {quant.method} as {scheme}, group {quant.group_size}, {quant.layers} int4 layers, "
-              f"{quant.int8_layers} int8, group scales {quant.scale_dtype} (largest relative rounding "
-              f"{quant.max_scale_rounding:.1e})")
-        for line in quant.kept:
-            print(f"  kept: {line}")
+    print(quant.describe() + (f" as {scheme}, {quant.int8_layers} int8, group scales {facts['scale_dtype']} "
+                              f"(largest relative rounding {facts['max_scale_rounding']:.1e})" if facts else ""))
+    for note in quant.notes:
+        print(f"note: {note}")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 

@@ -5,6 +5,14 @@ Two graphs, shared by every phase of the schedule:
 - `llm.onnx`: T new embeddings + the whole KV cache -> last logits + new K/V (T is dynamic: prefill calls
   use T = prefill chunk, decode calls T = 1, so the weights are stored once).
 The token embedding table is a raw file the host indexes. Opset 18, IR 10 (onnxruntime 1.31 reads <= 13).
+
+int4 (`--quant int4-awq|int4-rtn`, or a quantised checkpoint directory from `python -m quant.awq` as --model):
+every quantised Linear of the LLM is one `com.microsoft.MatMulNBits` node holding the records' codes, scales
+and zero points bit for bit (see export/matmul_nbits.py), initializers named after the layer
+(`llm.model.layers.0.self_attn.q_proj.qweight`, `.scales`, `.qzeros`, `.input_scale`). `--accuracy-level 4`
+(default) lets onnxruntime quantise activations to int8 per block on CPU (fast, approximate); 0 computes in
+the graph's float type. The vision graph stays float. Parity is measured against the PyTorch step running the
+same quantised weights.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export import matmul_nbits
 from export.bundle import (
     add_export_arguments,
     build_manifest,
@@ -30,6 +39,7 @@ from export.bundle import (
     staged_directory,
     write_embedding_table,
 )
+from export.quantization import QUANT_METHODS, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.split import LanguageModelStep, VisionStep
@@ -44,16 +54,20 @@ LLM_IO = (["inputs_embeds", "position_ids", "attention_mask", "last_index", "pas
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
-            dynamic_shapes: tuple) -> None:
+            dynamic_shapes: tuple, rename: dict[str, str] | None = None) -> None:
+    """Trace `module` to `path` (+ external data); `rename` maps initializer names to the ones to store."""
     import onnx  # noqa: PLC0415
 
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=names[0],
                           output_names=names[1], dynamic_shapes=dynamic_shapes, external_data=True,
-                          verbose=False)
+                          verbose=False, custom_translation_table=matmul_nbits.TRANSLATION)
+    # Only the graph is rewritten: external data stays where it is (initializers keep location and offset).
     model = onnx.load(str(path), load_external_data=False)
     model.ir_version = min(model.ir_version, IR_VERSION)
+    if rename:
+        matmul_nbits.rename_initializers(model, rename)
     onnx.save(model, str(path))
 
 
@@ -118,8 +132,10 @@ def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tup
     return _artifact(out, path), max_abs_error(got, expected)
 
 
-def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype) -> tuple[dict, float]:
-    """Trace the LLM step with a dynamic token count; measure onnxruntime at T = chunk and T = 1."""
+def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype,
+               records: dict | None = None) -> tuple[dict, float]:
+    """Trace the LLM step with a dynamic token count; measure onnxruntime at T = chunk and T = 1. `records`:
+    the quantised layers already installed as MatMulNBitsLinear (their initializers get the records' names)."""
     step = LanguageModelStep(model, max_context).eval()
     hidden = model.config.hidden_size
     shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
@@ -137,7 +153,8 @@ def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtyp
     path = out / "llm.onnx"
     trace_tokens = max(2, min(chunk, 8))  # length-1 examples get specialised
     _export(step, example(trace_tokens, 3), path, LLM_IO,
-            ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None, None, None))
+            ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None, None, None),
+            matmul_nbits.initializer_names(step, model, records or {}))
     error = 0.0
     for t, past in ((chunk, 5), (1, max_context - 1)):
         args = example(t, past)
@@ -158,15 +175,34 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_export_arguments(parser)
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph and weight precision")
+    parser.add_argument("--quant", choices=QUANT_METHODS,
+                        help="LLM weights: int4 AWQ (built-in calibration set, or --calib), int4 round-to-nearest, "
+                             "or none (default). A quantised checkpoint directory (python -m quant.awq) as --model "
+                             "brings its own records (default: use them)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="input channels per int4 group (128)")
+    parser.add_argument("--symmetric", action="store_true", help="int4 without zero points (zero point 8)")
+    parser.add_argument("--lm-head", choices=("keep", "int8"),
+                        help="output head: float (keep, default) or per-row int8 (MatMulNBits bits=8)")
+    parser.add_argument("--samples", type=int, default=32, help="AWQ calibration samples (default 32)")
+    parser.add_argument("--calib", help="AWQ calibration JSONL (default: the built-in offline set)")
+    parser.add_argument("--accuracy-level", type=int, choices=matmul_nbits.ACCURACY_LEVELS, default=4,
+                        help="MatMulNBits compute: 4 = int8 activations on CPU (default, fast), 0 = the graph's "
+                             "float type")
     args = parser.parse_args(argv)
     check_export_arguments(args)
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.symmetric and args.quant == "none":
+        raise UserError("--symmetric applies to int4 quantisation, not --quant none")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    steps = tqdm(total=5, desc="export.onnx", unit="step")
-    steps.set_postfix_str("loading checkpoint")
+    # Loading and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
+    # on stderr (AWQ shows its own progress).
     ckpt = Checkpoint.open(args.model)
-    model, _ = ckpt.load_model("float32")
+    model, records, quant = quantized_model(ckpt, args.quant, args.group_size, args.symmetric or None, args.lm_head,
+                                            args.samples, args.calib)
     model.to(dtype)
-    steps.update()
+    matmul_nbits.install(model, records, dtype, args.accuracy_level)
+    steps = tqdm(total=4, desc="export.onnx", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
         t = time.perf_counter()
@@ -177,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         steps.set_postfix_str("llm graph")
         try:
-            artifacts["llm"], parity["llm"] = export_llm(model, out, args.max_context, args.prefill_chunk, dtype)
+            artifacts["llm"], parity["llm"] = export_llm(model, out, args.max_context, args.prefill_chunk, dtype,
+                                                         records)
         except ValueError as e:
             raise UserError(str(e)) from None
         rows.append(("llm.onnx (+ .data)", _size(out, "llm.onnx"), parity["llm"], time.perf_counter() - t))
@@ -190,12 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         files += [file_entry(out, p.name) for p in sorted(out.glob("*.onnx.data"))]
         steps.update()
         steps.set_postfix_str("manifest")
+        entry = quant.manifest()
+        if records:
+            entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
+                         accuracy_level=args.accuracy_level)
         manifest = build_manifest("onnx", ckpt, model, args.model, artifacts, files, args,
-                                  "float16" if args.dtype == "fp16" else "float32", parity)
+                                  "float16" if args.dtype == "fp16" else "float32", parity, entry)
         write_manifest(out, manifest)
         steps.update()
     steps.close()
     print_summary(f"ONNX export of {ckpt.config.variant.name} -> {args.out}", rows)
+    print(quant.describe() + (f", MatMulNBits accuracy_level {args.accuracy_level}" if records else ""))
+    for note in quant.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -200,7 +200,14 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "torch":
-        return TorchBackend(manifest["model"].get("source", ""), manifest["schedule"]["max_context"])
+        source = manifest["model"].get("source", "")
+        quantized = manifest.get("quantization", {}).get("method", "none") != "none"
+        if quantized and not (Path(source) / "quant_config.json").is_file():
+            # The records were computed during the export: the checkpoint holds float weights only.
+            raise UserError(f"this export is {manifest['quantization']['method']}, but its source {source} is a float "
+                            "checkpoint: the torch backend would run other weights. Quantise with python -m quant.awq "
+                            "and export that directory, or use the export's own backend")
+        return TorchBackend(source, manifest["schedule"]["max_context"])
     if name == "executorch":
         if manifest["format"] != "executorch":
             raise UserError(f"backend executorch runs ExecuTorch exports; this directory holds a {manifest['format']} "

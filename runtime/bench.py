@@ -1,9 +1,10 @@
 """`python -m runtime.bench` (`make bench`): speed and memory of the schedule, per model and backend.
 
-For each model: export to ONNX (timed), then answer one image question through each backend and record
-vision ms per slice, time to first token, prefill and decode tok/s and peak RSS (each backend in its own
-process, so RSS is not shared). Prints a table and writes `out/bench.json`. Speed goals are judged here,
-never in unit tests.
+For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w): export (timed), then answer one image
+question through each backend that runs it and record vision ms per slice, time to first token, prefill and
+decode tok/s and peak RSS (each run in its own process, so RSS is not shared). Prints a table and writes
+`out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4 exports use RTN: the same
+kernels and sizes as AWQ without the calibration time.
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from runtime.cli import run
 
 QUESTION = "Describe this image in detail."
+# export name -> (exporter module, its extra arguments, the backends that run it)
+EXPORTS = {
+    "onnx": ("export.onnx", [], ["torch", "onnxruntime"]),
+    "onnx-int4": ("export.onnx", ["--quant", "int4-rtn"], ["onnxruntime"]),
+    "executorch": ("export.executorch", [], ["executorch"]),
+    "executorch-8da4w": ("export.executorch", ["--quant", "int4-rtn"], ["executorch"]),
+}
 
 
 def _run(args: list[str]) -> dict:
@@ -31,28 +41,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny-minicpm-v-4,mid-minicpm-v-4")
-    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--exports", default=",".join(EXPORTS), help=f"any of {', '.join(EXPORTS)}")
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "house.png"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--out", default="out/bench")
     args = parser.parse_args(argv)
+    exports = args.exports.split(",")
+    if unknown := sorted(set(exports) - set(EXPORTS)):
+        parser.error(f"unknown export {unknown[0]} (choose from {', '.join(EXPORTS)})")
     rows = []
-    for model in args.models.split(","):
-        export_dir = Path(args.out) / f"{model}-onnx"
+    jobs = [(model, name) for model in args.models.split(",") for name in exports]
+    for model, name in tqdm(jobs, desc="bench", unit="export"):
+        module, extra, backends = EXPORTS[name]
+        export_dir = Path(args.out) / f"{model}-{name}"
         t = time.perf_counter()
-        _run(["export.onnx", "--model", model, "--out", str(export_dir), "--max-context", str(args.max_context)])
+        _run([module, "--model", model, "--out", str(export_dir), "--max-context", str(args.max_context), *extra])
         export_s = time.perf_counter() - t
         size = sum(p.stat().st_size for p in export_dir.iterdir() if p.is_file())
         common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
-        for backend in args.backends.split(","):
-            stats = _run(["runtime.generate", "--artifacts", str(export_dir), "--backend", backend, *common])["stats"]
-            rows.append({"model": model, "backend": backend, "export_s": round(export_s, 1),
+        for backend in backends:
+            stats = _run(["runtime.generate", "--artifacts", str(export_dir), "--backend", backend,
+                          *common])["stats"]
+            rows.append({"model": model, "export": name, "backend": backend, "export_s": round(export_s, 1),
                          "export_mb": round(size / 2**20, 1), **stats})
-    print(f"\n{'model':<18}{'backend':<13}{'export':>9}{'size MB':>9}{'vision/slice':>14}{'TTFT ms':>9}"
+    print(f"\n{'model':<18}{'export':<18}{'backend':<13}{'took':>9}{'size MB':>9}{'vision/slice':>14}{'TTFT ms':>9}"
           f"{'prefill t/s':>13}{'decode t/s':>12}{'RSS MB':>8}")
     for r in rows:
-        print(f"{r['model']:<18}{r['backend']:<13}{r['export_s']:>8.1f}s{r['export_mb']:>9.1f}"
+        print(f"{r['model']:<18}{r['export']:<18}{r['backend']:<13}{r['export_s']:>8.1f}s{r['export_mb']:>9.1f}"
               f"{r['vision_ms_per_slice']:>12.1f}ms{r['time_to_first_token_ms']:>9.0f}{r['prefill_tok_s']:>13.1f}"
               f"{r['decode_tok_s']:>12.1f}{r['peak_rss_mb']:>8.0f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

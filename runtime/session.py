@@ -34,7 +34,7 @@ class ContextFull(UserError):
 class Session:
     """Loads an export directory (verifying every hash first) and runs conversations on a backend."""
 
-    def __init__(self, directory: str | Path, backend: str = "onnxruntime", on_context_full: str | None = None,
+    def __init__(self, directory: str | Path, backend: str | object = "onnxruntime", on_context_full: str | None = None,
                  threads: int | None = None):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)  # schema, paths and hashes checked before anything runs
@@ -50,7 +50,9 @@ class Session:
         self.table = np.memmap(artifact_path(self.directory, self.manifest, "token_embedding"),
                                dtype=np.dtype(table["dtype"]).newbyteorder("<"), mode="r", shape=tuple(table["shape"]))
         self.dtype = np.float16 if self.manifest["model"]["dtype"] == "float16" else np.float32
-        self.backend = open_backend(backend, self.directory, self.manifest, threads)
+        # a backend name, or an object with the backends' methods (e.g. a test's instrumented modules)
+        self.backend = open_backend(backend, self.directory, self.manifest, threads) if isinstance(backend, str) \
+            else backend
         self.reset()
 
     # ----- conversation state --------------------------------------------------------------------------

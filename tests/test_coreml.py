@@ -128,10 +128,8 @@ class TorchStatefulBackend:
 
 
 def stateful_session(run: Export) -> Session:
-    session = Session(run.out, "torch")  # manifest, tokenizer and embedding table of the Core ML export
-    session.backend = TorchStatefulBackend(run.vision, run.llm, run.llm_tokens)
-    session.reset()
-    return session
+    # the Core ML export's manifest, tokenizer and embedding table, with the converter's modules as the backend
+    return Session(run.out, TorchStatefulBackend(run.vision, run.llm, run.llm_tokens))
 
 
 # ----- (a) the converter's torch modules against the eager reference -------------------------------------
@@ -405,7 +403,7 @@ def test_quant_none_lm_head_choice_and_record_checks(private_cache):
 
     ckpt = Checkpoint.open("tiny-minicpm-v-4")
     model, records, info = prepare_model(ckpt, "none")
-    assert records == {} and info.method == "none" and info.lm_head == "fp16"
+    assert records == {} and info.method == "none" and info.lm_head == "keep"
     embed = model.llm.model.embed_tokens.weight.clone()
     model, records, info = prepare_model(ckpt, "none", lm_head="int8")
     assert list(records) == ["llm.lm_head"] and records["llm.lm_head"].bits == 8 and info.lm_head == "int8"

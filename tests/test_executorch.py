@@ -211,8 +211,8 @@ def test_8da4w_tokens_match_quantized_reference(exported, tiny_path):
     assert decoder["linear_delegated"] == decoder["linear_ops"] == 15  # every int4 linear + the fp32 head
     # the PyTorch reference of the same quantisation: torchao 8da4w weights from the same symmetric records
     ckpt = Checkpoint.open("tiny-minicpm-v-4")
-    model, info = prepare_model(ckpt, "int4-rtn", 32)
-    assert info.layers == 14 and info.scale_dtype == "bfloat16"
+    model, info, facts = prepare_model(ckpt, "int4-rtn", 32)
+    assert info.int4_layers == 14 and facts["scale_dtype"] == "bfloat16"
     assert manifest["parity"]["text_decoder"] < 0.5 and manifest["parity"]["vision_encoder"] < 1e-4
     session = Session(out, "executorch")
     sampling = SamplingConfig(max_new_tokens=32)
@@ -251,11 +251,13 @@ def test_quantised_checkpoints_bring_their_records(tiny_path, tmp_path):
         result = rtn_quantize(model, QuantConfig(group_size=32, symmetric=symmetric))
         write_quantized(result, source.path, tmp_path / f"symmetric-{symmetric}")
     ckpt = Checkpoint.open(tmp_path / "symmetric-True")
-    model, info = prepare_model(ckpt, "int4-rtn")
-    assert info.layers == 14 and info.group_size == 32  # the records' group size, whatever --group-size says
-    with pytest.raises(UserError, match="holds int4-rtn records; pass --quant int4-rtn"):
+    model, info, _ = prepare_model(ckpt, "int4-rtn")
+    assert info.int4_layers == 14 and info.group_size == 32  # the records' group size
+    with pytest.raises(UserError, match=r"already quantised \(int4-rtn\); drop --quant or pass --quant int4-rtn"):
         prepare_model(ckpt, "int4-awq")
-    with pytest.raises(UserError, match="asymmetric .* quant.awq --symmetric"):
+    with pytest.raises(UserError, match="holds group size 32, not --group-size 128"):
+        prepare_model(ckpt, None, 128)
+    with pytest.raises(UserError, match="asymmetric records .* quant.awq --symmetric"):
         prepare_model(Checkpoint.open(tmp_path / "symmetric-False"), "int4-rtn")
 
 
@@ -273,8 +275,8 @@ def test_records_become_exact_torchao_weights(tiny_path):
     name = "llm.model.layers.0.mlp.down_proj"
     for bf16, activations in ((True, True), (False, False)):
         target = copy.deepcopy(model)
-        info = install_records(target, records, activations_int8=activations, bf16_scales=bf16)
-        assert info.layers == 14 and info.int8_layers == 1 and len(records) == 15
+        facts = install_records(target, records, activations_int8=activations, bf16_scales=bf16)
+        assert facts["scheme"] == ("8da4w" if activations else "int4 weight-only") and len(records) == 15
         head = target.get_submodule("llm.lm_head").weight
         assert torch.equal(head.qdata.to(torch.int16) + 128, records["llm.lm_head"].codes.to(torch.int16))
         assert torch.equal(head.scale, records["llm.lm_head"].scales.float())  # per channel: never rounded

@@ -1,0 +1,181 @@
+"""Which quantised weights an exporter writes: a quantised checkpoint's own records, or records computed now.
+
+    model, records, info = quantized_model(ckpt, "int4-awq", group_size=128)
+
+`model` is the float32 model with every record's dequantised weight installed (explicit AWQ input scales as
+`InputScaledLinear`), i.e. `QuantResult.model`: the PyTorch reference of the exported graphs. `records` holds
+the LLM's Linear records only (vision stays float: quant/ leaves it alone by default, and a vision record from
+`--quantize-vision` is kept as its dequantised float weight). `info` is the manifest entry and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from minicpm.checkpoint import Checkpoint
+from minicpm.errors import UserError
+from minicpm.modeling import MiniCPMV
+
+QUANT_METHODS = ("int4-awq", "int4-rtn", "none")
+LM_HEAD = "llm.lm_head"
+
+
+@dataclass
+class Quantization:
+    """What was quantised: the manifest's `quantization` entry and numbers for the summary."""
+
+    method: str = "none"  # int4-awq, int4-rtn or none
+    group_size: int | None = None
+    symmetric: bool | None = None
+    int4_layers: int = 0
+    int8_layers: int = 0  # per-row int8 Linears (lm_head with --lm-head int8)
+    lm_head: str = "keep"  # keep (float) or int8
+    source: str = "none"  # "this export", or the quantised checkpoint directory the records came from
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def manifest(self, **extra) -> dict:
+        """The manifest entry; `extra` adds format-specific facts (e.g. how the records were written)."""
+        if self.method == "none":
+            entry = {"method": "none", "bits": None, "group_size": None, "symmetric": None}
+        else:
+            entry = {"method": self.method, "bits": 4, "group_size": self.group_size, "symmetric": self.symmetric,
+                     "layers": self.int4_layers}
+        return {**entry, "int8_layers": self.int8_layers, "lm_head": self.lm_head, "records_from": self.source,
+                **extra}
+
+    def describe(self) -> str:
+        """One summary line."""
+        if self.method == "none":
+            return f"quantization: none, lm_head {self.lm_head}"
+        text = f"quantization: {self.method} from {self.source}, {self.int4_layers} int4 layers"
+        if self.group_size:
+            text += f" (group {self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'})"
+        return text + f", lm_head {self.lm_head}, {self.seconds:.1f}s"
+
+
+def quantized_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
+                    symmetric: bool | None = None, lm_head: str | None = None, samples: int = 32,
+                    calib: str | None = None, seq_len: int = 256, default: str = "none",
+                    default_lm_head: str = "keep") -> tuple[MiniCPMV, dict, Quantization]:
+    """The float32 model with its quantised weights installed, the LLM's Linear records, and a summary.
+
+    A quantised checkpoint directory (`python -m quant.awq`, it has quant_config.json) brings its own records,
+    used as they are: `quant` None means its method, another method is refused, and so are a different
+    `group_size` or `symmetric=True` over asymmetric records. Otherwise `quant` (None = `default`) says what to
+    run now: AWQ on the built-in calibration set (or the JSONL `calib`), RTN, or nothing.
+    symmetric: None = as the records are (asymmetric when quantising now); True = required for int4 (XNNPACK).
+    lm_head: "keep" (float), "int8" (per-row int8 record) or None: as a quantised directory's records are, else
+    `default_lm_head` when quantising (Core ML: int8) and keep with no quantisation.
+    """
+    if quant is not None and quant not in QUANT_METHODS:
+        raise UserError(f"quantisation must be one of {', '.join(QUANT_METHODS)}, got {quant!r}")
+    if lm_head not in (None, "keep", "int8"):
+        raise UserError(f"lm_head must be 'keep' or 'int8', got {lm_head!r}")
+    info = Quantization()
+    start = time.perf_counter()
+    if (ckpt.path / "quant_config.json").is_file():
+        model, records, info.method = _from_directory(ckpt, quant, group_size, symmetric, calib)
+        info.source = str(ckpt.path)
+    else:
+        method = quant or default
+        if method == "none" and group_size is not None:
+            raise UserError("--group-size applies to int4 quantisation, not --quant none")
+        if calib is not None and method != "int4-awq":
+            raise UserError(f"--calib is used by --quant int4-awq only, not {method}")
+        model, records = _quantize_now(ckpt, method, group_size or 128, bool(symmetric), lm_head == "int8", samples,
+                                       calib, seq_len)
+        info.method, info.source = method, "this export" if method != "none" else "none"
+    model.eval().requires_grad_(False)
+    records = _llm_linears(model, records, info.notes)
+    if lm_head is None:
+        lm_head = "int8" if LM_HEAD in records or (info.method != "none" and default_lm_head == "int8") else "keep"
+    if lm_head == "int8" and LM_HEAD not in records:
+        records[LM_HEAD] = int8_head(model)
+    elif lm_head == "keep" and LM_HEAD in records:
+        records.pop(LM_HEAD)  # the model keeps the int8 record's dequantised values as its float weight
+        info.notes.append("lm_head stored as float (its int8 record's dequantised values, --lm-head keep)")
+    int4 = [r for r in records.values() if r.bits == 4]
+    info.int4_layers, info.int8_layers = len(int4), len(records) - len(int4)
+    info.lm_head = "int8" if LM_HEAD in records else "keep"
+    if int4:
+        info.group_size = int4[0].group_size
+        info.symmetric = all(r.symmetric for r in int4)
+    info.seconds = time.perf_counter() - start
+    return model, records, info
+
+
+def _from_directory(ckpt: Checkpoint, quant: str | None, group_size: int | None, symmetric: bool | None,
+                    calib: str | None) -> tuple[MiniCPMV, dict, str]:
+    from quant.checkpoint import CONFIG_FILE, load_quantized  # noqa: PLC0415
+
+    meta = ckpt.path / CONFIG_FILE
+    try:  # the method, read before the weights so that a conflict is refused at once
+        method = f"int4-{json.loads(meta.read_text()).get('method') or 'awq'}"
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{meta}: not a readable quantisation config (see python -m quant.awq)") from None
+    if quant not in (None, method):
+        raise UserError(f"{ckpt.path} is already quantised ({method}); drop --quant or pass --quant {method}")
+    if calib is not None:
+        raise UserError(f"{ckpt.path} is already quantised ({method}): --calib has nothing to calibrate")
+    result = load_quantized(ckpt.path, "float32")
+    int4 = [r for n, r in result.records.items() if r.bits == 4 and n.startswith("llm.")]
+    sizes = {r.group_size for r in int4}
+    if group_size is not None and sizes and sizes != {group_size}:
+        raise UserError(f"{ckpt.path} holds group size {', '.join(map(str, sorted(sizes)))}, not --group-size "
+                        f"{group_size}")
+    if symmetric and not all(r.symmetric for r in int4):
+        raise UserError(f"{ckpt.path} holds asymmetric records (zero points); this target needs symmetric ones: "
+                        "python -m quant.awq --symmetric")
+    return result.model, dict(result.records), method
+
+
+def _quantize_now(ckpt: Checkpoint, method: str, group_size: int, symmetric: bool, int8_head_: bool, samples: int,
+                  calib: str | None, seq_len: int) -> tuple[MiniCPMV, dict]:
+    model, _ = ckpt.load_model("float32")
+    if method == "none":
+        return model, {}
+    from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
+
+    config = QuantConfig(group_size=group_size, symmetric=symmetric, lm_head="int8" if int8_head_ else "keep")
+    if method == "int4-rtn":
+        return model, rtn_quantize(model, config).records
+    from quant.calibration import build_calibration  # noqa: PLC0415
+
+    calibration = build_calibration(ckpt, model, calib, samples=samples, seq_len=seq_len)
+    return model, awq_quantize(model, calibration, config).records
+
+
+def _llm_linears(model: MiniCPMV, records: dict, notes: list[str]) -> dict:
+    """The records exporters write: Linears of the LLM. The rest (vision with --quantize-vision, int8 embedding
+    tables) stay as their dequantised float weights, which the model already holds."""
+    kept, out = [], {}
+    for name, record in records.items():
+        module = model.get_submodule(name) if name.startswith("llm.") else None
+        if isinstance(module, nn.Linear):
+            out[name] = record
+        else:
+            kept.append(name)
+    if kept:
+        notes.append(f"{len(kept)} records outside the LLM's Linears kept as float weights ({', '.join(kept[:3])}"
+                     + (", ..." if len(kept) > 3 else "") + ")")
+    return out
+
+
+def int8_head(model: MiniCPMV):
+    """A per-row symmetric int8 record of lm_head (quant/'s int8 scheme), installed as the head's own Parameter
+    so a tied embedding table keeps its float weights."""
+    from quant import QuantRecord  # noqa: PLC0415
+    from quant.codes import quantize_int8_rows  # noqa: PLC0415
+
+    head = model.llm.lm_head
+    q, scale, zero = quantize_int8_rows(head.weight.detach())
+    record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=head.weight.shape[1],
+                         bits=8, symmetric=True)
+    head.weight = nn.Parameter(record.dequantize(head.weight.dtype), requires_grad=False)
+    return record
