@@ -89,6 +89,7 @@ class LanguageModelStep(nn.Module):
         cos = self.rope_cos[position_ids].to(dtype)
         sin = self.rope_sin[position_ids].to(dtype)
         batch, tokens = hidden.shape[:2]
+        mask = attention_mask.repeat(1, 1, self.groups, 1)  # [1, 1, groups * T, keys]: the rows of every group
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -99,11 +100,13 @@ class LanguageModelStep(nn.Module):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             keys, values = attend_over(i, k, v)
-            keys = keys.repeat_interleave(self.groups, dim=1)
-            values = values.repeat_interleave(self.groups, dim=1)
-            scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + attention_mask
+            # GQA without copying the cache per query head: query head h reads KV head h // groups, so the
+            # groups sharing a KV head are stacked as rows [groups * T] of one product (row g * T + t).
+            q = q.reshape(batch, self.kv_heads, self.groups * tokens, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + mask
             probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-            out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, tokens, -1)
+            out = torch.matmul(probs, values).reshape(batch, -1, tokens, self.head_dim)
+            out = out.transpose(1, 2).reshape(batch, tokens, -1)
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = torch.index_select(self.norm(hidden), 1, last_index)

@@ -249,6 +249,12 @@ def test_llm_package_functions_io_and_states(exported, tiny, name):
         assert len(means) == norms and all(op.outputs[0].dtype == ct.converters.mil.mil.types.fp32 for op in means)
         assert all(op.outputs[0].dtype == ct.converters.mil.mil.types.fp16
                    for op in function.find_ops(op_type="matmul"))
+        # GQA reads each KV head in place: no op materialises the cache once per query head
+        heads = cfg.num_attention_heads
+        assert heads > cfg.num_key_value_heads
+        per_query_head = {(1, heads, slots, head_dim), (1, heads, head_dim, slots)}
+        assert not [op.op_type for op in function.operations for out in op.outputs
+                    if tuple(getattr(out, "shape", ())) in per_query_head]
 
 
 @pytest.mark.parametrize("name", MODELS)
