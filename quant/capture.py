@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
 
-CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
+CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.x passes `cache=`
 
 
 class _Stop(Exception):
@@ -89,10 +90,11 @@ class BlockInput:
 
 
 def _sanitize(kwargs: dict) -> dict:
-    """No KV cache during calibration: replaying a block would append to it on every call."""
+    """No KV cache during calibration: replaying a block would append to it on every call (memory grows, and
+    with a top-left causal mask every later replay attends to the first replay's keys and values)."""
     out = dict(kwargs)
-    for key in CACHE_KEYS:
-        if key in out:
+    for key, value in kwargs.items():
+        if key in CACHE_KEYS or isinstance(value, Cache):
             out[key] = None
     if "use_cache" in out:
         out["use_cache"] = False

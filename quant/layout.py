@@ -55,6 +55,16 @@ KNOWN_LAYOUTS: dict[str, LayoutTable] = {
 }
 
 
+# Groups in a pre-norm block's last residual branch (block output = residual + branch(x), the residual untouched
+# by the trial): their block-output error is exactly the branch's output error, so the alpha search runs only
+# the branch (first Linear of the group -> branch module). Checked at run time against the block (quant.search).
+LAST_BRANCH: dict[str, dict[str, str]] = {
+    "llama/qwen2/qwen3 decoder": {"mlp.gate_proj": "mlp", "mlp.down_proj": "mlp.down_proj"},
+    "siglip/idefics2 encoder": {"mlp.fc1": "mlp", "mlp.fc2": "mlp.fc2"},
+    "whisper encoder": {"fc2": "fc2"},
+}
+
+
 @dataclass
 class ScaleGroup:
     """Linears (names relative to their block) sharing one input, and how 1/s reaches that input."""
@@ -63,6 +73,7 @@ class ScaleGroup:
     prev: str | None = None  # a norm or a Linear in the same block; None = explicit input scale
     kind: str = "explicit"  # "norm", "linear", "explicit", or "none" (not scaled, see `reason`)
     reason: str = ""
+    branch: str | None = None  # the residual branch whose output error equals the block's (LAST_BRANCH)
 
     def describe(self) -> str:
         if self.kind in ("norm", "linear"):
@@ -105,6 +116,8 @@ def known_layout(block: nn.Module) -> tuple[str, list[ScaleGroup]] | None:
                 groups.append(ScaleGroup(names, prev, "norm"))
             else:
                 groups.append(ScaleGroup(names))
+        for group in groups:
+            group.branch = LAST_BRANCH.get(layout_name, {}).get(group.linears[0])
         return layout_name, groups
     return None
 

@@ -271,7 +271,9 @@ def _search_and_quantize(block: nn.Module, prefix: str, inputs: list[BlockInput]
             for n in members:
                 info[n]["scale"] = group.describe()
             continue
-        alpha, s, _, _ = search_alpha(block, group, members, stats[index].mean, inputs, reference, config)
+        alpha, s, _, _, searched_on = search_alpha(block, group, members, stats[index], inputs, reference, config)
+        for n in members:
+            info[n]["searched_on"] = searched_on
         if s is None:
             for n in members:
                 info[n]["scale"] = "not scaled (plain rounding scored best)"

@@ -3,8 +3,9 @@
 Where the error is measured: the alpha of every scale group is chosen on the *block output* (all
 calibration samples, all tokens), with only that group fake-quantised and the rest of the block in full
 precision. That is the most faithful target (it sees attention, the gated MLP and the residual) at
-(alpha_grid + 1) block forwards per group. The clip search is local to each Linear, per output group,
-on a token subsample of its own input, as in AutoAWQ.
+(alpha_grid + 1) block forwards per group; for groups in the block's last residual branch (the MLP, its down
+projection) the branch alone gives the very same error, so only the branch runs. The clip search is local to
+each Linear, per output group, on a token subsample of its own input, as in AutoAWQ.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.capture import BlockInput, output_mse, run_block
+from quant.capture import BlockInput, main_tensor, output_mse, run_block
 from quant.codes import fake_quantize, quantize_groups
 from quant.config import QuantConfig
 from quant.layout import ScaleGroup
 from quant.scaling import awq_scales, explicit_scale, weight_means
 
+BRANCH_TOLERANCE = 1e-3  # relative gap allowed between the branch's and the block's RTN-trial MSE
 MAX_SAMPLE_ROWS = 512  # input rows kept per group for the clip search and the per-layer error
 CLIP_ROW_CHUNK = 256  # output rows per step of the clip search (bounds its memory)
 # Errors in q/k are reshaped by the softmax, so a per-layer output MSE is a poor proxy: no clip search.
@@ -35,6 +37,9 @@ class GroupStats:
     abs_sum: torch.Tensor | None = None
     count: int = 0
     rows: list[torch.Tensor] = field(default_factory=list)
+    # the group's residual branch (ScaleGroup.branch) per sample: its arguments and full-precision output
+    branch_inputs: list[BlockInput] = field(default_factory=list)
+    branch_reference: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -94,12 +99,23 @@ def collect_stats(block: nn.Module, inputs: list[BlockInput], groups: list[Scale
             st.rows.append(x[::step][:per_sample].clone())
         return record
 
+    def branch_hook(index):
+        def record(module, args, kwargs, output):
+            stats[index].branch_inputs.append(BlockInput(args, kwargs))
+            stats[index].branch_reference.append(main_tensor(output).float())
+        return record
+
     handles = [block.get_submodule(groups[i].linears[0]).register_forward_pre_hook(hook(i)) for i in stats]
+    handles += [block.get_submodule(groups[i].branch).register_forward_hook(branch_hook(i), with_kwargs=True)
+                for i in stats if groups[i].branch]
     try:
         outputs = [run_block(block, inp).float() for inp in inputs]
     finally:
         for h in handles:
             h.remove()
+    for st in stats.values():
+        if len(st.branch_inputs) != len(inputs):  # called more or less than once per sample: not a plain branch
+            st.branch_inputs, st.branch_reference = [], []
     return outputs, stats
 
 
@@ -109,17 +125,20 @@ def group_trial_scale(group: ScaleGroup, s: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_alpha(block: nn.Module, group: ScaleGroup, quantized: list[str], x_mean: torch.Tensor,
+def search_alpha(block: nn.Module, group: ScaleGroup, quantized: list[str], stats: GroupStats,
                  inputs: list[BlockInput], reference: list[torch.Tensor], config: QuantConfig
-                 ) -> tuple[float | None, torch.Tensor | None, float, float]:
+                 ) -> tuple[float | None, torch.Tensor | None, float, float, str]:
     """Pick the AWQ scale of one group by the block-output MSE of Q(W * s) (x / s).
 
     The identity (plain RTN, alpha None) competes with the grid, so the search never does worse than RTN
-    on its own objective. Returns (alpha, s or None, best MSE, RTN MSE).
+    on its own objective. Returns (alpha, s or None, best MSE, RTN MSE, what ran: "block" or the branch).
+    For a group in the block's last residual branch the grid runs that branch alone: the same MSE at a
+    fraction of the cost, once the RTN trial has shown the two agree.
     """
     linears = {n: block.get_submodule(n) for n in quantized}
     originals = {n: m.weight.detach().clone() for n, m in linears.items()}
     w_mean = weight_means(list(originals.values()), config.group_size)
+    target, searched_on = (block, inputs, reference), "block"
 
     def trial(s: torch.Tensor | None) -> float:
         for n, m in linears.items():
@@ -130,20 +149,26 @@ def search_alpha(block: nn.Module, group: ScaleGroup, quantized: list[str], x_me
                 q = fake_quantize(w * s[None, :], config.bits, config.group_size, config.symmetric) / s[None, :]
             m.weight.copy_(q.to(m.weight.dtype))
         try:
-            return output_mse(block, inputs, reference)
+            return output_mse(*target)
         finally:
             for n, m in linears.items():
                 m.weight.copy_(originals[n])
 
     best_alpha, best_s = None, None
     best = rtn = trial(None)
+    if stats.branch_inputs:
+        branch = block.get_submodule(group.branch)
+        target, searched_on = (branch, stats.branch_inputs, stats.branch_reference), group.branch
+        if not math.isclose(trial(None), rtn, rel_tol=BRANCH_TOLERANCE, abs_tol=1e-12):
+            # something after the branch (a norm, a clamp): keep the block
+            target, searched_on = (block, inputs, reference), "block"
     for i in range(config.alpha_grid):
         alpha = i / config.alpha_grid
-        s = group_trial_scale(group, awq_scales(x_mean, w_mean, alpha)).to(x_mean.device)
+        s = group_trial_scale(group, awq_scales(stats.mean, w_mean, alpha)).to(stats.mean.device)
         err = trial(s)
         if err < best:
             best, best_alpha, best_s = err, alpha, s
-    return best_alpha, best_s, best, rtn
+    return best_alpha, best_s, best, rtn, searched_on
 
 
 @torch.no_grad()

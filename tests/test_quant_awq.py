@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, WhisperConfig
+from transformers.cache_utils import Cache
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2Encoder
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from minicpm.errors import UserError
-from quant import QuantConfig, awq_quantize, rtn_quantize
+from quant import QuantConfig, awq_quantize, layout, rtn_quantize
 from quant.calibration import build_calibration, read_jsonl
+from quant.capture import capture_inputs, run_block, runner
 from quant.layout import known_layout
 from quant.scaling import InputScaledLinear, apply_scale
 from tests.conftest import noise_image
@@ -203,6 +205,61 @@ def test_awq_beats_rtn_on_tiny_checkpoint_with_outliers(tiny):
         "llm.model.layers.0.self_attn.o_proj"]["scale"]
     for name, record in awq.records.items():  # the fake-quant model holds exactly the records' weights
         assert torch.equal(awq.model.get_submodule(name).weight, record.dequantize())
+
+
+@torch.no_grad()
+def test_block_replays_are_stateless(tiny):
+    """A replayed block must see its current weights: a KV cache left in the captured arguments would grow on
+    every replay and serve the first replay's keys and values to every later trial."""
+    _, model = tiny("tiny-minicpm-v-4")
+    block = model.llm.model.layers[0]
+    x = torch.randn(1, 24, model.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    run, items = runner(model, "llm.model.layers", [{"inputs_embeds": x}])
+    inp = capture_inputs(run, items, block, "llm.model.layers", torch.device("cpu"))[0]
+    assert not any(isinstance(v, Cache) for v in inp.kwargs.values())
+    first = run_block(block, inp)
+    assert torch.equal(run_block(block, inp), first)
+    original = {n: block.get_submodule(n).weight.clone() for n in ("self_attn.k_proj", "self_attn.v_proj")}
+    try:
+        for name in original:  # change only what the keys and values are made of
+            block.get_submodule(name).weight.mul_(0.5)
+        changed = run_block(block, inp)
+        full = model.llm.model(inputs_embeds=x, output_hidden_states=True, use_cache=False).hidden_states[1]
+    finally:
+        for name, w in original.items():
+            block.get_submodule(name).weight.copy_(w)
+    assert torch.allclose(changed, full, atol=1e-5) and not torch.allclose(changed, first, atol=1e-3)
+
+
+def test_branch_search_gives_the_block_search_records(tiny, monkeypatch):
+    """The MLP groups search on the MLP alone (cheaper, same error as the block output); the records must be
+    those of the whole-block search, and a branch that is not the block's last is caught and run as the block."""
+    ckpt, model = tiny("tiny-minicpm-v-4")
+    calibration = build_calibration(ckpt, model, samples=4, seq_len=64)
+    config = QuantConfig(group_size=64)
+
+    def run() -> tuple[dict, dict]:
+        result = awq_quantize(copy.deepcopy(model), calibration, config)
+        layer = "llm.model.layers.1."
+        searched = {n: result.report["layers"][layer + n].get("searched_on")
+                    for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        return result.records, searched
+
+    fast, searched = run()
+    assert searched == {"self_attn.q_proj": "block", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp",
+                        "mlp.down_proj": "mlp.down_proj"}
+    monkeypatch.setattr(layout, "LAST_BRANCH", {})
+    slow, searched = run()
+    assert set(searched.values()) == {"block"}
+    # attention is not the last branch (the MLP reads its output): the RTN-trial check must keep the block
+    monkeypatch.setattr(layout, "LAST_BRANCH", {"llama/qwen2/qwen3 decoder": {"self_attn.q_proj": "self_attn"}})
+    guarded, searched = run()
+    assert set(searched.values()) == {"block"}
+    assert fast.keys() == slow.keys() == guarded.keys()
+    for name in slow:
+        for field in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(fast[name], field), getattr(slow[name], field)), (name, field)
+            assert torch.equal(getattr(guarded[name], field), getattr(slow[name], field)), (name, field)
 
 
 # ---------------------------------------------------------------------------------------------------------
