@@ -1,32 +1,54 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# Both create .venv when it is missing (CPU torch pinned: a looser pin pulls a multi-GB CUDA build).
+# Both create .venv when it is missing. torch comes from the machine's CPU wheel (TORCH_WHEELS, installed
+# with --no-index so a missing wheel fails here instead of pulling the multi-GB CUDA build from PyPI).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TORCH_WHEELS ?= /opt/wheels
+SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
+SWIFT_PACKAGE := ios_bridge/MiniCPMKit
+VECTORS := out/vectors
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test test-python test-swift vectors bench lint clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	@test -d $(TORCH_WHEELS) || { echo "error: no CPU torch wheel directory $(TORCH_WHEELS) (set TORCH_WHEELS=DIR)"; exit 2; }
+	$(PY) -m pip install -q --no-index --find-links $(TORCH_WHEELS) --no-deps torch==2.13.0
+	$(PY) -m pip install -q --find-links $(TORCH_WHEELS) torch==2.13.0
+	$(PY) -m pip install -q --find-links $(TORCH_WHEELS) -e ".[dev]"
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 'error: a CUDA torch build got installed')"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-DEMO_OUT := out/tiny-minicpm-v-4-onnx
+DEMO := out/demo
+DEMO_QUESTION := What is in this image?
 
-# Export the embedded tiny model to ONNX (parity table), then answer through onnxruntime (timings).
+# The device configuration end to end on the embedded tiny model (random weights: its words mean nothing):
+# int4 AWQ records, ONNX export (parity table), an answer through the export's own runtime (onnxruntime),
+# and one line comparing its greedy tokens with the eager torch reference of the same int4 weights.
 demo: venv
-	$(PY) -m export.onnx --model tiny-minicpm-v-4 --out $(DEMO_OUT)
-	$(PY) -m runtime.generate --artifacts $(DEMO_OUT) --backend onnxruntime --image examples/house.png \
-		--prompt "What is in this image?" --max-new-tokens 32
+	$(PY) -m quant.awq --model tiny-minicpm-v-4 --out $(DEMO)/tiny-minicpm-v-4-awq --samples 16 --overwrite
+	$(PY) -m export.onnx --model $(DEMO)/tiny-minicpm-v-4-awq --out $(DEMO)/tiny-minicpm-v-4-onnx
+	@echo "tiny-minicpm-v-4 has random weights: the answer is meaningless words; the parity line is the point."
+	$(PY) -m runtime.generate --artifacts $(DEMO)/tiny-minicpm-v-4-onnx --image examples/house.png \
+		--prompt "$(DEMO_QUESTION)" --max-new-tokens 32 --parity
 
-test: venv
+# Everything: the Python suite, then the Swift package replaying the Python side's conformance vectors.
+test: test-python
+
+test-python: venv
 	$(PY) -m pytest -q
+
+vectors: venv
+	$(PY) -m ios_bridge.vectors --out $(VECTORS)
+
+test-swift: vectors
+	MINICPM_VECTORS=$(CURDIR)/$(VECTORS) $(SWIFT) test --package-path $(SWIFT_PACKAGE)
 
 # Speed and memory of the schedule (export, TTFT, prefill/decode tok/s, peak RSS) on tiny and mid-size models.
 bench: venv
@@ -36,4 +58,4 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(SWIFT_PACKAGE)/.build

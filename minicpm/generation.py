@@ -5,6 +5,7 @@ The sampler and the text streamer are host-side pieces that every runtime backen
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,11 @@ def timing_stats(prompt: Prompt, generated: list[int], t0: float, t_vision: floa
 
 
 @torch.no_grad()
+def _cache_keyword(llm: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x (the old name warns): the one forward takes."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
 def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig,
              stop_ids: list[int], on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """Run the eager reference: vision per image/slice, one prefill of the prompt, then decode."""
@@ -136,8 +142,8 @@ def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase
     t_vision = time.perf_counter()
     ids = torch.tensor(prompt.input_ids)
     embeds = model.prompt_embeddings(ids, prompt.image_bounds, vision)
-    cache = DynamicCache(config=model.llm.config)
-    out = model.llm(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = {_cache_keyword(model.llm): DynamicCache(config=model.llm.config)}
+    out = model.llm(inputs_embeds=embeds[None], **cache, use_cache=True, logits_to_keep=1)
     t_prefill = time.perf_counter()
     sampler, streamer = Sampler(sampling), TextStreamer(tokenizer, on_text)
     generated: list[int] = []
@@ -152,7 +158,7 @@ def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase
         if len(generated) >= sampling.max_new_tokens:
             break
         step = model.embed_generated(torch.tensor([[token]]))
-        out = model.llm(inputs_embeds=step, past_key_values=cache, use_cache=True,
+        out = model.llm(inputs_embeds=step, **cache, use_cache=True,
                         position_ids=torch.tensor([[position]]))
         position += 1
     t_end = time.perf_counter()

@@ -20,6 +20,13 @@ import torch
 from minicpm.errors import UserError
 
 BACKENDS = ("torch", "onnxruntime", "coreml", "executorch")  # each format's exporter issue adds its runtime here
+# The runtime each export format runs on unless --backend says otherwise (torch runs any export's split).
+DEFAULT_BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml", "coreai": "coreai"}
+
+
+def default_backend(manifest: dict) -> str:
+    """The backend of the export's own format (Core ML: macOS only; CoreMLBackend says so elsewhere)."""
+    return DEFAULT_BACKENDS[manifest["format"]]
 
 
 class TorchBackend:
@@ -193,6 +200,20 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype).copy_(torch.from_numpy(array))
 
 
+def reference_source(manifest: dict) -> str:
+    """The checkpoint holding the export's exact weights, for the eager torch reference."""
+    source = manifest["model"].get("source", "")
+    quantized = manifest.get("quantization", {}).get("method", "none") != "none"
+    if quantized and not (Path(source) / "quant_config.json").is_file():
+        # The records were computed during the export: the checkpoint holds float weights only.
+        raise UserError(f"this export is {manifest['quantization']['method']}, but its source {source} is a float "
+                        "checkpoint: the torch reference would run other weights. Quantise with python -m quant.awq "
+                        "and export that directory, or use the export's own backend")
+    if not Path(source).is_dir():
+        raise UserError(f"the export's source checkpoint {source or '(none)'} is missing (the torch reference runs it)")
+    return source
+
+
 def open_backend(name: str, directory: Path, manifest: dict, threads: int | None = None):
     """The backend `name` for an export directory whose manifest has been verified."""
     from runtime.manifest import artifact_path  # noqa: PLC0415
@@ -200,14 +221,7 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "torch":
-        source = manifest["model"].get("source", "")
-        quantized = manifest.get("quantization", {}).get("method", "none") != "none"
-        if quantized and not (Path(source) / "quant_config.json").is_file():
-            # The records were computed during the export: the checkpoint holds float weights only.
-            raise UserError(f"this export is {manifest['quantization']['method']}, but its source {source} is a float "
-                            "checkpoint: the torch backend would run other weights. Quantise with python -m quant.awq "
-                            "and export that directory, or use the export's own backend")
-        return TorchBackend(source, manifest["schedule"]["max_context"])
+        return TorchBackend(reference_source(manifest), manifest["schedule"]["max_context"])
     if name == "executorch":
         if manifest["format"] != "executorch":
             raise UserError(f"backend executorch runs ExecuTorch exports; this directory holds a {manifest['format']} "

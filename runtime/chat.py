@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="export directory with manifest.json")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--backend", choices=BACKENDS, help="default: the runtime of the export's format")
     parser.add_argument("--system", help="system prompt for new conversations")
     parser.add_argument("--thinking", action="store_true", help="enable thinking (Qwen3-based models)")
     parser.add_argument("--stats", action="store_true", help="print timings after each answer")

@@ -1,8 +1,9 @@
 """`python -m runtime.generate`: answer a prompt (with images) and stream the text as it is produced.
 
 `--model M --backend torch` runs the eager PyTorch reference on a checkpoint. `--artifacts DIR` runs an
-export directory through the device schedule (`runtime.session`) on `--backend onnxruntime` (default) or
-`torch` (the eager modules of the same split). With `--json`, one JSON object {"token_ids", "text", "stats"}
+export directory through the device schedule (`runtime.session`) on the runtime of the export's format
+(onnxruntime, executorch, coreml, coreai) unless `--backend` names another (torch: the eager modules of the same
+split). With `--json`, one JSON object {"token_ids", "text", "stats"}
 is printed instead of the streamed text.
 """
 
@@ -34,14 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="checkpoint: directory, hub id, short name or tiny model (eager reference)")
     source.add_argument("--artifacts", help="export directory with manifest.json")
     parser.add_argument("--backend", choices=BACKENDS,
-                        help="torch (default with --model) or onnxruntime (default with --artifacts)")
+                        help="torch (default with --model); with --artifacts the export's own runtime (onnx: "
+                             "onnxruntime, executorch: executorch, coreml: coreml on macOS, coreai: coreai), or torch")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (--model only)")
     parser.add_argument("--on-context-full", choices=("error", "stop"),
                         help="when the KV cache is full: fail (default) or end the answer (--artifacts)")
     add_prompt_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--parity", action="store_true",
+                        help="also run the eager torch reference of the same weights and print where the greedy "
+                             "tokens agree (--artifacts)")
     args = parser.parse_args(argv)
+    if args.parity and not args.artifacts:
+        raise UserError("--parity compares an export with its eager reference: use it with --artifacts DIR")
     sampling = sampling_from_args(args)
     messages = messages_from_args(args)
 
@@ -53,8 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.artifacts:
         from runtime.session import Session  # noqa: PLC0415
 
-        session = Session(args.artifacts, args.backend or "onnxruntime", on_context_full=args.on_context_full)
+        session = Session(args.artifacts, args.backend, on_context_full=args.on_context_full)
         result = session.ask(messages, sampling, on_text, args.max_slice_nums, args.thinking)
+        if args.parity:
+            from runtime.parity import eager_reference, parity_line  # noqa: PLC0415
+
+            if not sampling.greedy:
+                raise UserError("--parity compares greedy tokens: drop the sampling flags")
+            expected = eager_reference(session.manifest, messages, sampling, args.max_slice_nums, args.thinking)
+            parity = parity_line(session.backend.name, result.token_ids, expected.token_ids)
     else:
         if (args.backend or "torch") != "torch":
             raise UserError("--model runs the eager torch reference; export first and use --artifacts DIR "
@@ -64,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = ckpt.load_model(args.dtype)
         result = generate(model, prompt, ckpt.tokenizer, sampling, ckpt.stop_ids, on_text)
     if args.json:
-        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats}))
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats,
+                          **({"parity": parity} if args.parity else {})}))
     else:
         print()
         print(format_stats(result.stats), file=sys.stderr)
+        if args.parity:
+            print(parity)
     return 0
 
 

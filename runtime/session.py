@@ -20,7 +20,7 @@ from minicpm.errors import UserError
 from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer, timing_stats
 from minicpm.modeling import vision_inputs
 from minicpm.prompt import Prompt
-from runtime.backends import open_backend
+from runtime.backends import default_backend, open_backend
 from runtime.manifest import artifact_path, read_manifest
 
 VISION_BATCH = 8  # slices per vision call: bounds activation memory, amortises graph overhead
@@ -34,7 +34,7 @@ class ContextFull(UserError):
 class Session:
     """Loads an export directory (verifying every hash first) and runs conversations on a backend."""
 
-    def __init__(self, directory: str | Path, backend: str | object = "onnxruntime", on_context_full: str | None = None,
+    def __init__(self, directory: str | Path, backend: str | object | None = None, on_context_full: str | None = None,
                  threads: int | None = None):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)  # schema, paths and hashes checked before anything runs
@@ -50,7 +50,9 @@ class Session:
         self.table = np.memmap(artifact_path(self.directory, self.manifest, "token_embedding"),
                                dtype=np.dtype(table["dtype"]).newbyteorder("<"), mode="r", shape=tuple(table["shape"]))
         self.dtype = np.float16 if self.manifest["model"]["dtype"] == "float16" else np.float32
-        # a backend name, or an object with the backends' methods (e.g. a test's instrumented modules)
+        # None: the export's own runtime; a backend name; or an object with the backends' methods (e.g. a test's
+        # instrumented modules)
+        backend = backend or default_backend(self.manifest)
         self.backend = open_backend(backend, self.directory, self.manifest, threads) if isinstance(backend, str) \
             else backend
         self.reset()

@@ -372,6 +372,8 @@ def test_tampered_package_is_refused(exported, tmp_path):
 def test_coreml_backend_refuses_off_macos(exported):
     with pytest.raises(UserError, match="backend coreml needs macOS 15"):
         Session(exported("tiny-minicpm-v-4").out, "coreml")
+    with pytest.raises(UserError, match="backend coreml needs macOS 15"):  # the default for a Core ML export
+        Session(exported("tiny-minicpm-v-4").out)
 
 
 @pytest.mark.parametrize("argv, message", [

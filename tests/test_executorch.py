@@ -357,3 +357,18 @@ def test_decoder_writes_pad_rows_into_the_slack(tiny):
     written = decoder.v_cache_0[0, 0].abs().sum(-1)
     assert decoder.v_cache_0.shape[2] == decoder.k_cache_0.shape[3] == 32 + 8
     assert bool((written[29:37] > 0).all()) and float(written[:29].sum()) == 0 and float(written[37:].sum()) == 0
+
+
+def test_generate_defaults_to_the_exports_own_runtime(exported):
+    """`runtime.generate --artifacts DIR` with no --backend runs an ExecuTorch export on executorch."""
+    out = exported("tiny-minicpm-v-4")
+    assert Session(out).backend.name == "executorch"
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--artifacts", str(out), "--prompt", "Hi",
+                        "--max-new-tokens", "4", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json  # noqa: PLC0415
+
+    result = json.loads(r.stdout)
+    assert result["stats"]["backend"] == "executorch"
+    expected = Session(out, "executorch").ask([{"role": "user", "content": "Hi"}], SamplingConfig(max_new_tokens=4))
+    assert result["token_ids"] == expected.token_ids

@@ -3,6 +3,7 @@ gives the PyTorch quantised model's greedy tokens."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -290,3 +291,27 @@ def test_torch_backend_runs_the_quantized_weights_or_refuses(export, awq_dir):
     sampling = SamplingConfig(max_new_tokens=16)
     expected, _ = reference_tokens(result.model, ckpt, messages, sampling)
     assert Session(export("--model", str(awq_dir)), "torch").ask(messages, sampling).token_ids == expected
+
+
+def test_generate_parity_line_compares_the_chain_with_the_eager_int4_model(export, awq_dir, tmp_path):
+    """`runtime.generate --parity` (what `make demo` prints): the eager reference runs the export's own int4
+    weights; at accuracy level 0 the chain is exact, so the line says the tokens agree and names the count."""
+    out = export("--model", str(awq_dir), "--accuracy-level", "0")
+    image = tmp_path / "image.png"
+    IMAGE.save(image)
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--artifacts", str(out), "--image", str(image),
+                        "--prompt", PROMPT, "--max-new-tokens", "12", "--parity", "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    n = len(result["token_ids"])
+    assert result["parity"] == f"parity: onnxruntime chain and eager torch reference agree on all {n} greedy tokens"
+    from runtime.parity import parity_line
+
+    assert parity_line("x", [1, 2, 3], [1, 5, 3]) == ("parity: x chain and eager torch reference part at token 1 "
+                                                     "of 3 (export [2], eager [5])")
+    with pytest.raises(Exception, match="float checkpoint"):
+        from runtime.parity import eager_reference
+
+        eager_reference(read_manifest(export(*RTN_V4)), [{"role": "user", "content": "x"}], SamplingConfig(), None,
+                        False)

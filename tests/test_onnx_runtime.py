@@ -208,3 +208,7 @@ def test_cli_artifacts_matches_model(exported, images):
     assert runs["--model"]["token_ids"] == runs["--artifacts"]["token_ids"]
     assert {"vision_ms_per_slice", "time_to_first_token_ms", "prefill_tok_s", "decode_tok_s",
             "peak_rss_mb"} <= set(runs["--artifacts"]["stats"])
+
+
+def test_backend_follows_the_export(exported):
+    assert Session(exported("tiny-minicpm-v-4")).backend.name == "onnxruntime"
