@@ -60,8 +60,15 @@ def validate(manifest: dict) -> None:
             raise UserError(f"manifest.json: schedule step {step!r} names unknown artifact {spec['artifact']!r}")
 
 
+MAX_PATH_BYTES = 1024  # artifact paths are short relative names; longer ones are hostile, not files
+
+
 def safe_path(root: Path, relative: str) -> Path:
-    """`root/relative`, refusing absolute paths and anything that resolves outside `root`."""
+    """`root/relative`, refusing absolute paths, overlong or NUL-carrying names and anything outside `root`."""
+    if "\0" in relative or len(relative.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES \
+            or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in relative.split("/")):
+        raise UserError(f"manifest path {relative[:60]!r}... is not a valid artifact path (NUL byte, or longer than "
+                        f"{MAX_PATH_BYTES} bytes / 255 per name)")
     if os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise UserError(f"manifest path {relative!r} is absolute; artifact paths must stay inside the export directory")
     target = (root / relative).resolve()
@@ -86,17 +93,28 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
     if not path.is_file():
         raise UserError(f"{root}: no manifest.json (not an export directory)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: damaged or not a manifest)") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: invalid JSON ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: the manifest must be a JSON object, got {type(manifest).__name__}")
     validate(manifest)
     entries = [(name, a) for name, a in manifest["artifacts"].items()]
     entries += [(f["path"], f) for f in manifest["files"]]
     for name, entry in entries:
         target = safe_path(root, entry["path"])
-        if not (target.is_file() or target.is_dir()):  # directories: .mlpackage artifacts
+        try:
+            present = target.is_file() or target.is_dir()  # directories: .mlpackage / .aimodel artifacts
+            matches = not (present and verify) or sha256_path(target) == entry["sha256"]
+        except OSError as e:
+            raise UserError(f"{root}: artifact {name!r} ({entry['path'][:80]}) cannot be read ({e.strerror})") from None
+        if not present:
             raise UserError(f"{root}: artifact {name!r} is missing ({entry['path']})")
-        if verify and sha256_path(target) != entry["sha256"]:
+        if not matches:
             raise UserError(f"{root}: artifact {name!r} ({entry['path']}) does not match its sha256 in manifest.json "
                             "(modified or corrupt)")
     return manifest

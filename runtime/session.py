@@ -31,6 +31,22 @@ class ContextFull(UserError):
     """The conversation no longer fits in the KV cache."""
 
 
+def _embedding_table(directory: Path, manifest: dict) -> np.memmap:
+    """The raw [V, H] table, memory-mapped; refused in one line unless the file holds exactly what the manifest says."""
+    entry = manifest["artifacts"].get("token_embedding")
+    if entry is None or entry.get("dtype") not in ("float32", "float16") or len(entry.get("shape", [])) != 2:
+        raise UserError(f"{directory}: manifest.json lacks a token_embedding artifact with a float32/float16 dtype "
+                        "and a [vocab, hidden] shape")
+    vocab, hidden = entry["shape"]
+    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+    path = artifact_path(directory, manifest, "token_embedding")
+    size = vocab * hidden * dtype.itemsize
+    if vocab < 1 or hidden != manifest["model"]["hidden_size"] or path.stat().st_size != size:
+        raise UserError(f"{directory}: token_embedding ({path.name}) does not hold the [{vocab}, {hidden}] "
+                        f"{entry['dtype']} table the manifest describes")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(vocab, hidden))
+
+
 class Session:
     """Loads an export directory (verifying every hash first) and runs conversations on a backend."""
 
@@ -46,9 +62,7 @@ class Session:
         self.on_context_full = on_context_full or schedule["on_context_full"]
         if self.on_context_full not in ("error", "stop"):
             raise UserError(f"on_context_full must be 'error' or 'stop', got {self.on_context_full!r}")
-        table = self.manifest["artifacts"]["token_embedding"]
-        self.table = np.memmap(artifact_path(self.directory, self.manifest, "token_embedding"),
-                               dtype=np.dtype(table["dtype"]).newbyteorder("<"), mode="r", shape=tuple(table["shape"]))
+        self.table = _embedding_table(self.directory, self.manifest)
         self.dtype = np.float16 if self.manifest["model"]["dtype"] == "float16" else np.float32
         # None: the export's own runtime; a backend name; or an object with the backends' methods (e.g. a test's
         # instrumented modules)
