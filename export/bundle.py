@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -54,22 +57,54 @@ def check_export_arguments(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Write into a temporary sibling of `out`; it replaces `out` only when the block completes."""
+    """Write into a temporary sibling of `out`; it replaces `out` only when the block completes.
+
+    Killed at any point, `out` is the previous complete export or absent, never a mixture. Siblings left by
+    killed runs (`.NAME.tmp-PID-*`, `.NAME.old-PID`) are removed by the next run once PID is dead. Concurrent
+    exports to one `out` swap in under an exclusive lock, so the last to finish wins, whole.
+    """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<tmp>\d+)-.+|old-(?P<old>\d+))")
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Delete the temporary siblings of `out` whose writing process no longer exists."""
+    for sibling in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = _STALE.fullmatch(sibling.name)
+        if not match or match["name"] != out.name:
+            continue
+        pid = int(match["tmp"] or match["old"])
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def file_entry(root: Path, relative: str) -> dict:
