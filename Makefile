@@ -11,7 +11,7 @@ SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 SWIFT_PACKAGE := ios_bridge/MiniCPMKit
 VECTORS := out/vectors
 
-.PHONY: venv demo test test-python test-swift vectors bench lint clean
+.PHONY: venv demo test test-python test-swift vectors fuzz bench lint clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ vectors: venv
 
 test-swift: vectors
 	MINICPM_VECTORS=$(CURDIR)/$(VECTORS) $(SWIFT) test --package-path $(SWIFT_PACKAGE)
+
+# Property-based fuzzing of every input the toolkit reads (tests/fuzz): FUZZ_CASES per target (default 10 000).
+FUZZ_CASES ?= 10000
+fuzz: venv
+	FUZZ_CASES=$(FUZZ_CASES) $(PY) -m tests.fuzz
 
 # Speed and memory of the schedule (export, TTFT, prefill/decode tok/s, peak RSS) on tiny and mid-size models.
 bench: venv

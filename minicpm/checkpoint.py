@@ -149,6 +149,9 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     try:
         with no_init_weights():
             model = MiniCPMV(config)
+    except Exception as e:  # noqa: BLE001 (config.json is user input: a config the modules cannot be built from)
+        raise UserError(f"{path}: cannot build the model its config.json describes ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'bad value'})") from None
     finally:
         torch.set_default_dtype(previous)
     params = dict(model.state_dict())

@@ -92,6 +92,21 @@ class MiniCPMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> MiniCPMConfig:
+        """Parse config.json's contents; anything transformers' config classes reject is one UserError."""
+        if not isinstance(raw, dict):
+            raise UserError(f"config.json must hold a JSON object, got {type(raw).__name__}")
+        try:
+            config = cls._from_dict(raw)
+            _check_sizes(config)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (config.json is user input: whatever it breaks is named in one line)
+            raise UserError(f"config.json is not a valid MiniCPM config ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'bad value'})") from None
+        return config
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> MiniCPMConfig:
         variant = find_variant(raw)
         llm_kwargs = {k: v for k, v in raw.items() if k not in _NOT_LLM_KEYS}
         llm = LLM_CONFIGS[variant.llm](**llm_kwargs)
@@ -127,6 +142,27 @@ class MiniCPMConfig:
             raise UserError(f"{path}: no config.json (not a MiniCPM checkpoint directory)")
         try:
             raw = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{f}: invalid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{f}: invalid JSON ({str(e).splitlines()[0][:200]})") from None
         return cls.from_dict(raw)
+
+
+# Sizes the model is built from: each a positive int, bounded so a hostile config cannot ask for petabytes.
+_SIZE_LIMITS = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1 << 10,
+                "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "vocab_size": 1 << 22,
+                "head_dim": 1 << 12}
+
+
+def _check_sizes(config: MiniCPMConfig) -> None:
+    for part, section in (("", config.llm), ("vision_config.", config.vision)):
+        for name, limit in _SIZE_LIMITS.items():
+            value = getattr(section, name, None)
+            if value is None and name in ("head_dim", "vocab_size", "num_key_value_heads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise UserError(f"config.json: {part}{name} must be an integer in 1..{limit}, got {value!r}")
+    if config.llm.num_attention_heads % (config.llm.num_key_value_heads or 1):
+        raise UserError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+    if not 1 <= config.query_num <= 4096 or config.slice.patch_size < 1 or config.slice.scale_resolution < 1 \
+            or config.slice.max_slice_nums < 1:
+        raise UserError("config.json: query_num, patch_size, scale_resolution and max_slice_nums must be positive")

@@ -153,9 +153,14 @@ class PromptBuilder:
         if not messages:
             raise UserError("no messages")
         for m in messages:
+            if not isinstance(m, dict):
+                raise UserError(f"a message must be a dict with role and content, got {type(m).__name__}")
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant"):
-                raise UserError(f"unknown message role {role!r} (system, user or assistant)")
+                raise UserError(f"unknown message role {str(role)[:40]!r} (system, user or assistant)")
+            if not (content is None or isinstance(content, str | list | tuple) or is_image(content)):
+                raise UserError(f"message content must be text, an image or a list of items, got "
+                                f"{type(content).__name__}")
             items = [content] if isinstance(content, str) or is_image(content) else list(content or [])
             parts = []
             for item in items:

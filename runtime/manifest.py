@@ -49,15 +49,22 @@ def validate(manifest: dict) -> None:
     """Schema check with one readable line on failure."""
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise UserError(f"manifest schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+        raise UserError(f"manifest schema_version {shown(repr(version), 40)} is not supported (this runtime reads "
+                        f"{SCHEMA_VERSION})")
     try:
         jsonschema.validate(manifest, SCHEMA)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise UserError(f"manifest.json is invalid at {where}: {e.message}") from None
+        raise UserError(f"manifest.json is invalid at {shown(where)}: {shown(e.message, 200)}") from None
     for step, spec in manifest["schedule"]["steps"].items():
         if spec["artifact"] not in manifest["artifacts"]:
-            raise UserError(f"manifest.json: schedule step {step!r} names unknown artifact {spec['artifact']!r}")
+            raise UserError(f"manifest.json: schedule step '{shown(step)}' names unknown artifact "
+                            f"'{shown(spec['artifact'])}'")
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A manifest string as it may appear in a one-line message: control characters escaped, length capped."""
+    return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
 
 
 MAX_PATH_BYTES = 1024  # artifact paths are short relative names; longer ones are hostile, not files
@@ -67,13 +74,14 @@ def safe_path(root: Path, relative: str) -> Path:
     """`root/relative`, refusing absolute paths, overlong or NUL-carrying names and anything outside `root`."""
     if "\0" in relative or len(relative.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES \
             or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in relative.split("/")):
-        raise UserError(f"manifest path {relative[:60]!r}... is not a valid artifact path (NUL byte, or longer than "
-                        f"{MAX_PATH_BYTES} bytes / 255 per name)")
+        raise UserError(f"manifest path '{shown(relative, 60)}' is not a valid artifact path (NUL byte, or "
+                        f"longer than {MAX_PATH_BYTES} bytes / 255 per name)")
     if os.path.isabs(relative) or relative.startswith(("/", "\\")):
-        raise UserError(f"manifest path {relative!r} is absolute; artifact paths must stay inside the export directory")
+        raise UserError(f"manifest path '{shown(relative)}' is absolute; artifact paths must stay inside the export "
+                        "directory")
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()):
-        raise UserError(f"manifest path {relative!r} escapes the export directory")
+        raise UserError(f"manifest path '{shown(relative)}' escapes the export directory")
     return target
 
 
@@ -111,12 +119,13 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
             present = target.is_file() or target.is_dir()  # directories: .mlpackage / .aimodel artifacts
             matches = not (present and verify) or sha256_path(target) == entry["sha256"]
         except OSError as e:
-            raise UserError(f"{root}: artifact {name!r} ({entry['path'][:80]}) cannot be read ({e.strerror})") from None
+            raise UserError(f"{root}: artifact '{shown(name)}' ({shown(entry['path'])}) cannot be read "
+                            f"({e.strerror})") from None
         if not present:
-            raise UserError(f"{root}: artifact {name!r} is missing ({entry['path']})")
+            raise UserError(f"{root}: artifact '{shown(name)}' is missing ({shown(entry['path'])})")
         if not matches:
-            raise UserError(f"{root}: artifact {name!r} ({entry['path']}) does not match its sha256 in manifest.json "
-                            "(modified or corrupt)")
+            raise UserError(f"{root}: artifact '{shown(name)}' ({shown(entry['path'])}) does not match its sha256 in "
+                            "manifest.json (modified or corrupt)")
     return manifest
 
 

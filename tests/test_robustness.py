@@ -97,3 +97,45 @@ def test_embedding_table_that_disagrees_with_the_manifest(copy):
     write_manifest(copy, manifest)
     with pytest.raises(UserError, match="lacks a token_embedding artifact"):
         Session(copy)
+
+
+def test_thousands_of_images_in_one_message(tiny):
+    """2000 images are a long prompt, not a crash: every placeholder span is found, in order."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    ckpt, _ = tiny("tiny-minicpm-o-4.5")
+    image = Image.fromarray(np.full((3, 5, 3), 200, dtype=np.uint8))
+    prompt = ckpt.prompts.build([{"role": "user", "content": [image] * 2000 + ["many"]}])
+    assert len(prompt.image_bounds) == 2000 and all(e - s == 64 for s, e in prompt.image_bounds)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "system", "content": 1}], "message content must be text, an image or a list of items, got int"),
+    (["hello"], "a message must be a dict with role and content, got str"),
+    ([{"role": None, "content": "x"}], "unknown message role 'None'"),
+])
+def test_malformed_messages(tiny, messages, message):
+    """Minimal examples the prompts fuzz target found (an int content was a TypeError from list())."""
+    ckpt, _ = tiny("tiny-minicpm-o-4.5")
+    with pytest.raises(UserError, match=message):
+        ckpt.prompts.build(messages)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["rope_scaling"].__setitem__("rope_theta", -9223372036854775809), "cannot build the model"),
+    (lambda c: c.__setitem__("hidden_size", 2**40), "hidden_size must be an integer in 1..65536"),
+    (lambda c: c.__setitem__("num_attention_heads", "4"), "not a valid MiniCPM config .*num_attention_heads"),
+    (lambda c: c["rope_scaling"].__setitem__("factor", []), "cannot build the model"),
+    (lambda c: c.clear() or c.update({"a": 1}), "model_type None is not a MiniCPM-V/o model"),
+])
+def test_hostile_config_json(tiny_path, tmp_path, edit, message):
+    """Minimal examples the checkpoint-config fuzz target found: each was a traceback from transformers or torch."""
+    from minicpm.checkpoint import Checkpoint  # noqa: PLC0415
+
+    shutil.copytree(tiny_path("tiny-minicpm-v-4"), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    edit(config)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        Checkpoint.open(tmp_path / "ckpt").load_model("float32")
