@@ -131,6 +131,22 @@ def write_embedding_table(model: MiniCPMV, dest: Path, dtype: torch.dtype) -> di
     return {**file_entry(dest, name), "format": "raw", "dtype": str(table.dtype), "shape": list(table.shape)}
 
 
+VIDEO_FRAME_SLOTS = 6  # frames per group in the exported video graph (the 3D resampler takes up to 6)
+
+
+def video_preprocessing() -> dict:
+    """The model card's video recipe (minicpm.video) as the host must reproduce it."""
+    from minicpm import video  # noqa: PLC0415
+
+    return {"frames_per_group": VIDEO_FRAME_SLOTS, "default_packing": video.MAX_NUM_PACKING,
+            "max_frames": video.MAX_NUM_FRAMES, "default_fps": video.DEFAULT_FPS, "time_scale": video.TIME_SCALE,
+            "max_slice_nums": 1, "use_image_id": False,
+            "sampling": "uniform: index int(i * gap + gap / 2), gap = total / count; temporal id = timestamp snapped "
+                        "to the nearest 0.1 s step, in steps",
+            "temporal_embedding": "sincos_1d(hidden, id) added to each frame's pos_embed rows (id -1: none)",
+            "unused_frame_slots": "zero pixels, patch_mask 0"}
+
+
 def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str, artifacts: dict,
                    files: list[dict], args: argparse.Namespace, dtype: str, parity: dict,
                    quantization: dict | None = None, steps: dict | None = None) -> dict:
@@ -166,6 +182,7 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str,
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "query_num": cfg.query_num,
             "use_image_id": cfg.use_image_id, "image_tag": ckpt.prompts.tag, "max_patches": args.max_patches,
             "num_patches_per_side": model.vpm.num_patches_per_side,
+            **({"video": video_preprocessing()} if model.resampler.temporal else {}),
         },
         "schedule": {
             "prefill_chunk": args.prefill_chunk,
@@ -178,7 +195,9 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str,
             "generated_embedding_scale": 1.0,
             "steps": steps or {"vision": {"artifact": "vision"},
                                "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
-                               "decode": {"artifact": "llm", "tokens": 1}},
+                               "decode": {"artifact": "llm", "tokens": 1},
+                               **({"video": {"artifact": "video", "frames": VIDEO_FRAME_SLOTS}}
+                                  if "video" in artifacts else {})},
             "default_sampling": sampling,
         },
         "quantization": quantization or {"method": "none", "bits": None, "group_size": None, "symmetric": None},

@@ -3,7 +3,10 @@
 Two graphs, shared by every phase of the schedule:
 - `vision.onnx`: [batch] fixed-length patch rows -> [batch, query_num, H] (batch is dynamic);
 - `llm.onnx`: T new embeddings + the whole KV cache -> last logits + new K/V (T is dynamic: prefill calls
-  use T = prefill chunk, decode calls T = 1, so the weights are stored once).
+  use T = prefill chunk, decode calls T = 1, so the weights are stored once);
+- MiniCPM-V 4.5 also gets `video.onnx` (`VideoGroupStep`): frame groups of 6 fixed slots (unused slots
+  masked) -> one query_num x H output per group through the 3D resampler, groups dynamic. A separate graph,
+  so an image never pays for 6 frame slots.
 The token embedding table is a raw file the host indexes. Opset 18, IR 10 (onnxruntime 1.31 reads <= 13).
 
 int4 (`--quant int4-awq|int4-rtn`, or a quantised checkpoint directory from `python -m quant.awq` as --model):
@@ -42,7 +45,7 @@ from export.bundle import (
 from export.quantization import QUANT_METHODS, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
-from minicpm.split import LanguageModelStep, VisionStep
+from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import write_manifest
 
@@ -132,6 +135,36 @@ def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tup
     return _artifact(out, path), max_abs_error(got, expected)
 
 
+def video_example(model, max_patches: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Two groups of noise frames (4 and 2 of the 6 slots used, temporal ids from 0.1 s steps): the second
+    has unused slots, so the example covers the padding the runtime relies on."""
+    from export.bundle import VIDEO_FRAME_SLOTS  # noqa: PLC0415
+    from minicpm.image_processing import process_video_group  # noqa: PLC0415
+    from minicpm.modeling import video_inputs  # noqa: PLC0415
+
+    rng = np.random.RandomState(1)
+    frames = [rng.randint(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(6)]
+    groups = [process_video_group(frames[:4], [0, 3, 7, 10], model.config.slice),
+              process_video_group(frames[4:], [13, 17], model.config.slice)]
+    inputs = video_inputs(groups, VIDEO_FRAME_SLOTS, model.config.slice.patch_size, model.vpm.num_patches_per_side,
+                          model.config.hidden_size, max_patches)
+    return tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
+
+
+def export_video(model, out: Path, max_patches: int, dtype: torch.dtype) -> tuple[dict, float]:
+    """MiniCPM-V 4.5's frame-group graph (`VideoGroupStep`, the 3D resampler): [groups, 6 frame slots, ...] ->
+    [groups, query_num, H], groups dynamic; measured against the torch step on two groups."""
+    step = VideoGroupStep(model).eval()
+    args = video_example(model, max_patches, dtype)
+    groups = torch.export.Dim("groups", min=1, max=16)
+    path = out / "video.onnx"
+    _export(step, args, path, VISION_IO, tuple({0: groups} for _ in args))
+    with torch.no_grad():
+        expected = step(*args).float().numpy()
+    got = _ort_run(path, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
+    return _artifact(out, path), max_abs_error(got, expected)
+
+
 def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype,
                records: dict | None = None) -> tuple[dict, float]:
     """Trace the LLM step with a dynamic token count; measure onnxruntime at T = chunk and T = 1. `records`:
@@ -209,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.set_postfix_str("vision graph")
         artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype)
         rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"], time.perf_counter() - t))
+        if model.resampler.temporal:  # MiniCPM-V 4.5: frame groups through the 3D resampler
+            t = time.perf_counter()
+            artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype)
+            rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"], time.perf_counter() - t))
         steps.update()
         t = time.perf_counter()
         steps.set_postfix_str("llm graph")

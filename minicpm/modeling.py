@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qw
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import UserError
 from minicpm.image_processing import ImageInputs, navit_position_ids
-from minicpm.resampler import Resampler, pos_embed_2d
+from minicpm.resampler import Resampler, pos_embed_2d, temporal_embed
 from minicpm.vision_encoder import VisionEncoder
 
 LLM_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -137,3 +137,22 @@ def vision_inputs(pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, i
         patch_mask[i, :n] = 1.0
         pos[i, :n] = torch.from_numpy(pos_embed_2d(hidden_size, h, w))
     return {"pixel_values": pixels, "position_ids": position_ids, "patch_mask": patch_mask, "pos_embed": pos}
+
+
+def video_inputs(groups: list[ImageInputs], frame_slots: int, patch_size: int, num_patches_per_side: int,
+                 hidden_size: int, pad_to: int) -> dict[str, torch.Tensor]:
+    """Inputs of `VideoGroupStep` for a batch of frame groups: each group's frames padded to `frame_slots`
+    (unused slots: zero pixels, patch mask 0), `pos_embed` = 2D table + the frame's temporal sin-cos (host)."""
+    too_many = [len(g.pixel_values) for g in groups if len(g.pixel_values) > frame_slots]
+    if too_many:
+        raise UserError(f"a video group has {max(too_many)} frames; the vision graph takes at most {frame_slots}")
+    out = []
+    for g in groups:
+        inputs = vision_inputs(g.pixel_values, g.tgt_sizes, patch_size, num_patches_per_side, hidden_size, pad_to)
+        for i, t in enumerate(g.temporal_ids):
+            if t >= 0:
+                inputs["pos_embed"][i, : g.tgt_sizes[i][0] * g.tgt_sizes[i][1]] += torch.from_numpy(
+                    temporal_embed(hidden_size, t))
+        missing = frame_slots - len(g.pixel_values)
+        out.append({k: torch.cat([v, v.new_zeros((missing, *v.shape[1:]))]) for k, v in inputs.items()})
+    return {k: torch.stack([o[k] for o in out]) for k in out[0]}

@@ -40,6 +40,11 @@ def pos_embed_2d(dim: int, tgt_h: int, tgt_w: int) -> np.ndarray:
     return np.ascontiguousarray(table[:tgt_h, :tgt_w].reshape(tgt_h * tgt_w, -1))
 
 
+def temporal_embed(dim: int, temporal_id: int) -> np.ndarray:
+    """[dim] 1D sin-cos of a frame's temporal id (0.1 s units): added to the frame's keys (host data)."""
+    return sincos_1d(dim, np.asarray([temporal_id], dtype=np.float32))[0]
+
+
 class Resampler(nn.Module):
     """Parameter names follow upstream `resampler.*`; `pos_embed` is not stored in checkpoints."""
 
@@ -63,7 +68,7 @@ class Resampler(nn.Module):
         return torch.from_numpy(pos_embed_2d(self.embed_dim, tgt_h, tgt_w))
 
     def temporal_embed(self, temporal_id: int) -> torch.Tensor:
-        return torch.from_numpy(sincos_1d(self.embed_dim, np.asarray([temporal_id], dtype=np.float32))[0])
+        return torch.from_numpy(temporal_embed(self.embed_dim, temporal_id))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 frames: int = 1) -> torch.Tensor:

@@ -35,6 +35,30 @@ class VisionStep(nn.Module):
         return self.resampler(features, pos_embed, ~valid)
 
 
+class VideoGroupStep(nn.Module):
+    """The 3D resampler path (MiniCPM-V 4.5 video): G groups of F fixed frame slots -> one output per group.
+
+    pixel_values [G,F,3,p,P*p], position_ids [G,F,P] int64, patch_mask [G,F,P] (an unused frame slot is all 0),
+    pos_embed [G,F,P,H] (2D table plus the frame's temporal sin-cos, host data) -> features [G, query_num, H].
+    Frames run through the encoder like slices; the resampler attends over the keys of all frames of a group.
+    """
+
+    def __init__(self, model: MiniCPMV, resampler: nn.Module | None = None):
+        super().__init__()
+        self.vpm = model.vpm
+        self.resampler = resampler or model.resampler
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_mask: torch.Tensor,
+                pos_embed: torch.Tensor) -> torch.Tensor:
+        groups, frames, patches = patch_mask.shape
+        valid = patch_mask.reshape(groups * frames, patches) > 0.5
+        features = self.vpm(pixel_values.flatten(0, 1), position_ids.flatten(0, 1), valid)
+        # An all-padding frame slot can give non-finite encoder rows (every key masked); zero them so the
+        # resampler's zero attention weights on them stay exact zeros.
+        features = torch.where(valid[..., None], features, torch.zeros_like(features))
+        return self.resampler(features, pos_embed.flatten(0, 1), ~valid, frames=frames)
+
+
 class LanguageModelStep(nn.Module):
     """One LLM call of the device schedule.
 

@@ -1,6 +1,7 @@
 """`python -m runtime.chat --artifacts DIR`: an interactive conversation on an export directory.
 
-Type a message and press enter. `/image PATH` attaches an image to your next message, `/reset` clears the
+Type a message and press enter. `/image PATH` attaches an image to your next message, `/video PATH` a video
+(MiniCPM-V 4.5; sampled with --fps / --max-frames / --packing), `/reset` clears the
 conversation (and the KV cache), `/quit` or end of input leaves. Follow-up turns reuse the KV cache and
 prefill only the new tokens.
 """
@@ -12,6 +13,7 @@ import sys
 
 from minicpm.errors import UserError
 from minicpm.image_processing import load_image
+from minicpm.video import add_video_arguments, load_video
 from runtime.backends import BACKENDS
 from runtime.cli import add_sampling_arguments, run, sampling_from_args
 from runtime.generate import format_stats
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", help="system prompt for new conversations")
     parser.add_argument("--thinking", action="store_true", help="enable thinking (Qwen3-based models)")
     parser.add_argument("--stats", action="store_true", help="print timings after each answer")
+    add_video_arguments(parser, chat=True)
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
     sampling = sampling_from_args(args)
@@ -33,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(args.artifacts, args.backend)
     interactive = sys.stdin.isatty()
     images: list = []
+    videos: list = []
     first = True
-    print(f"{session.manifest['model']['variant']} on {session.backend.name}; /image PATH, /reset, /quit",
+    print(f"{session.manifest['model']['variant']} on {session.backend.name}; /image PATH, /video PATH, /reset, /quit",
           file=sys.stderr)
     while True:
         if interactive:
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if line == "/reset":
             session.reset()
-            images, first = [], True
+            images, videos, first = [], [], True
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
@@ -57,8 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
+        if line.startswith("/video"):
+            try:
+                videos.append(load_video(line[len("/video"):].strip(), args.fps, args.max_frames, args.packing))
+                summary = videos[-1].summary()
+                print(f"(video attached: {summary['seconds']} s, {summary['frames']} frames in {summary['groups']} "
+                      "groups)", file=sys.stderr)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         messages = [{"role": "system", "content": args.system}] if args.system and first else []
-        messages.append({"role": "user", "content": [*images, line]})
+        messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), line]})
         try:
             result = session.ask(messages, sampling, lambda piece: print(piece, end="", flush=True),
                                  enable_thinking=args.thinking)
@@ -68,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if args.stats:
             print(format_stats(result.stats), file=sys.stderr)
-        images, first = [], False
+        images, videos, first = [], [], False
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig
 from minicpm.image_processing import load_image
+from minicpm.video import Video, add_video_arguments, videos_from_args
 
 
 def run(main: Callable[[list[str] | None], int]) -> None:
@@ -30,6 +31,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
+    add_video_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the user's question")
     parser.add_argument("--system", help="system prompt (none unless given)")
     parser.add_argument("--max-slice-nums", type=int, help="cap on slices per image (default: the checkpoint's)")
@@ -47,11 +49,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HF-style penalty over the generated tokens (1.0 = off)")
 
 
-def messages_from_args(args: argparse.Namespace) -> list[dict]:
-    """Images first, then the text, in one user message (as upstream chat() with [image, question])."""
+def messages_from_args(args: argparse.Namespace, videos: list[Video] | None = None) -> list[dict]:
+    """Images first, then videos, then the text, in one user message (as upstream chat() with [image, question]).
+    `videos`: already decoded `--video` files (default: decode them here)."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     images = [load_image(path) for path in args.image]
-    messages.append({"role": "user", "content": [*images, args.prompt]})
+    videos = videos_from_args(args) if videos is None else videos
+    messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), args.prompt]})
     return messages
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from minicpm.checkpoint import Checkpoint
+from minicpm.video import videos_from_args
 from runtime.cli import add_model_argument, add_prompt_arguments, messages_from_args, run
 
 
@@ -19,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     ckpt = Checkpoint.open(args.model)
-    prompt = ckpt.prompts.build(messages_from_args(args), max_slice_nums=args.max_slice_nums,
+    videos = videos_from_args(args)
+    prompt = ckpt.prompts.build(messages_from_args(args, videos), max_slice_nums=args.max_slice_nums,
                                 enable_thinking=args.thinking)
     result = {
-        "images": [im.summary() for im in prompt.images],
+        "images": [im.summary() for im in prompt.images if im.temporal_ids is None],
+        "videos": [{k: v.summary()[k] for k in ("seconds", "frames", "groups", "temporal_ids")} for v in videos],
         "input_ids": prompt.input_ids,
         "image_bounds": [list(b) for b in prompt.image_bounds],
     }
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, im in enumerate(result["images"]):
         print(f"image {i}: {im['original_size'][0]}x{im['original_size'][1]}, grid {im['grid']}, "
               f"sizes {' '.join(f'{w}x{h}' for w, h in im['slice_sizes'])}")
+    for i, v in enumerate(result["videos"]):
+        print(f"video {i}: {v['seconds']} s, {v['frames']} frames in {v['groups']} groups, temporal ids "
+              f"{v['temporal_ids']}")
     print(f"{len(prompt.input_ids)} tokens, {len(prompt.image_bounds)} placeholder spans")
     print(prompt.text)
     return 0
