@@ -182,7 +182,7 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str,
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "query_num": cfg.query_num,
             "use_image_id": cfg.use_image_id, "image_tag": ckpt.prompts.tag, "max_patches": args.max_patches,
             "num_patches_per_side": model.vpm.num_patches_per_side,
-            **({"video": video_preprocessing()} if model.resampler.temporal else {}),
+            **({"video": video_preprocessing()} if cfg.variant.resampler == "3d" else {}),
         },
         "schedule": {
             "prefill_chunk": args.prefill_chunk,

@@ -165,6 +165,8 @@ class PromptBuilder:
             parts = []
             for item in items:
                 if is_image(item):
+                    if isinstance(item, dict) and not isinstance(item.get("image"), Image.Image | np.ndarray):
+                        raise UserError("an {'type': 'image'} content item needs its 'image' (a PIL image or array)")
                     images.append(item["image"] if isinstance(item, dict) else item)
                     parts.append(self.tag)
                 elif isinstance(item, dict) and item.get("type") == "video":

@@ -114,6 +114,7 @@ def test_thousands_of_images_in_one_message(tiny):
     ([{"role": "system", "content": 1}], "message content must be text, an image or a list of items, got int"),
     (["hello"], "a message must be a dict with role and content, got str"),
     ([{"role": None, "content": "x"}], "unknown message role 'None'"),
+    ([{"role": "system", "content": [{"type": "image", "text": ""}]}], "content item needs its 'image'"),
 ])
 def test_malformed_messages(tiny, messages, message):
     """Minimal examples the prompts fuzz target found (an int content was a TypeError from list())."""
