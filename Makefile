@@ -39,7 +39,7 @@ demo: venv
 		--prompt "$(DEMO_QUESTION)" --max-new-tokens 32 --parity
 
 # Everything: the Python suite, then the Swift package replaying the Python side's conformance vectors.
-test: test-python
+test: test-python test-swift
 
 test-python: venv
 	$(PY) -m pytest -q

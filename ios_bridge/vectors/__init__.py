@@ -1,0 +1,1 @@
+"""Conformance vectors: what the Python side computes, written for the Swift package's tests to replay."""
