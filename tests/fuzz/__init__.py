@@ -21,6 +21,6 @@ class Target:
 
 
 def targets() -> list[Target]:
-    from tests.fuzz import checkpoints, images, manifests, prompts  # noqa: PLC0415
+    from tests.fuzz import checkpoints, images, manifests, prompts, videos  # noqa: PLC0415
 
-    return [*images.TARGETS, *manifests.TARGETS, *checkpoints.TARGETS, *prompts.TARGETS]
+    return [*images.TARGETS, *manifests.TARGETS, *checkpoints.TARGETS, *prompts.TARGETS, *videos.TARGETS]
