@@ -133,7 +133,10 @@ def load_video(path: str | os.PathLike, fps: float = DEFAULT_FPS, max_frames: in
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else 0.0
-        width, height = stream.codec_context.width, stream.codec_context.height
+        codec = stream.codec_context  # None when the stream's codec cannot be opened (a damaged header)
+        if codec is None:
+            raise UserError(f"{path}: the video stream cannot be decoded (unknown or damaged codec header)")
+        width, height = codec.width, codec.height
         if not video_fps > 0:
             raise UserError(f"{path}: the video stream has no frame rate")
         if width * height > MAX_IMAGE_PIXELS:

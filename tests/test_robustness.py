@@ -140,3 +140,16 @@ def test_hostile_config_json(tiny_path, tmp_path, edit, message):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=message):
         Checkpoint.open(tmp_path / "ckpt").load_model("float32")
+
+
+def test_video_whose_codec_header_is_cut_off(tmp_path):
+    """Minimal example of the video-files fuzz target: an MP4 cut right after its video handler has a stream
+    whose codec context is None (was AttributeError: 'NoneType' object has no attribute 'width')."""
+    from minicpm.video import load_video  # noqa: PLC0415
+    from tests.fuzz.videos import encoded  # noqa: PLC0415
+
+    data = encoded("mp4", 1)
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[:data.index(b"vide") + 4])
+    with pytest.raises(UserError, match="cannot be decoded|not a readable video|corrupt video|no video"):
+        load_video(path)
