@@ -126,13 +126,7 @@ def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tup
     slices = process_image(image, model.config.slice)
     inputs = model.vision_inputs(slices.pixel_values[:2], slices.tgt_sizes[:2], pad_to=max_patches)
     args = tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
-    batch = torch.export.Dim("batch", min=1, max=64)
-    path = out / "vision.onnx"
-    _export(step, args, path, VISION_IO, tuple({0: batch} for _ in args))
-    with torch.no_grad():
-        expected = step(*args).float().numpy()
-    got = _ort_run(path, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
-    return _artifact(out, path), max_abs_error(got, expected)
+    return _export_batched(step, args, out / "vision.onnx", torch.export.Dim("batch", min=1, max=64))
 
 
 def video_example(model, max_patches: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
@@ -156,13 +150,16 @@ def export_video(model, out: Path, max_patches: int, dtype: torch.dtype) -> tupl
     [groups, query_num, H], groups dynamic; measured against the torch step on two groups."""
     step = VideoGroupStep(model).eval()
     args = video_example(model, max_patches, dtype)
-    groups = torch.export.Dim("groups", min=1, max=16)
-    path = out / "video.onnx"
-    _export(step, args, path, VISION_IO, tuple({0: groups} for _ in args))
+    return _export_batched(step, args, out / "video.onnx", torch.export.Dim("groups", min=1, max=16))
+
+
+def _export_batched(step: torch.nn.Module, args: tuple, path: Path, batch: torch.export.Dim) -> tuple[dict, float]:
+    """Trace a vision-side step with a dynamic first axis; max |error| of onnxruntime against it on `args`."""
+    _export(step, args, path, VISION_IO, tuple({0: batch} for _ in args))
     with torch.no_grad():
         expected = step(*args).float().numpy()
     got = _ort_run(path, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
-    return _artifact(out, path), max_abs_error(got, expected)
+    return _artifact(path.parent, path), max_abs_error(got, expected)
 
 
 def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype,
