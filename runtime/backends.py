@@ -10,8 +10,10 @@ empty past_keys / past_values), writes the new K/V itself, returns (logits, None
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 
 from minicpm.errors import UserError
 
-BACKENDS = ("torch", "onnxruntime", "coreml", "executorch")  # each format's exporter issue adds its runtime here
+BACKENDS = ("torch", "onnxruntime", "coreml", "executorch", "coreai")  # each exporter issue adds its runtime here
 # The runtime each export format runs on unless --backend says otherwise (torch runs any export's split).
 DEFAULT_BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml", "coreai": "coreai"}
 
@@ -195,6 +197,120 @@ class ExecuTorchBackend:
         return logits.numpy(), None, None
 
 
+class CoreAIBackend:
+    """The assets of `python -m export.coreai` through `coreai.runtime` (the in-package CPU runtime on Linux, the
+    OS framework on macOS 27+): `vision.aimodel` one slice per call, `llm.aimodel`'s `prefill` / `decode`. The
+    KV cache is the functions' state: arrays passed with every call and updated in place, one set shared by both
+    functions (`owns_cache`); `reset()` gives fresh zeroed arrays. The runtime is async: the backend owns an
+    event loop and keeps the assets' executables open until it is garbage-collected."""
+
+    name = "coreai"
+    owns_cache = True
+
+    def __init__(self, directory: Path, manifest: dict):
+        import asyncio  # noqa: PLC0415
+        import weakref  # noqa: PLC0415
+
+        from runtime.manifest import artifact_path  # noqa: PLC0415
+
+        if manifest["format"] != "coreai":
+            raise UserError(f"backend coreai runs Core AI exports; this directory holds a {manifest['format']} export")
+        try:
+            from coreai.authoring import AIModelAsset  # noqa: PLC0415
+            from coreai.runtime import NDArray  # noqa: PLC0415
+        except ImportError:
+            raise UserError("backend coreai needs coreai-core: pip install coreai-core==1.0.0b3") from None
+        self.NDArray = NDArray
+        self.loop, self.stack = asyncio.new_event_loop(), contextlib.AsyncExitStack()
+        weakref.finalize(self, _close_loop, self.loop, self.stack)  # removes the executables' temporary files
+
+        def load(artifact: str, functions: list[str]) -> list:
+            path = artifact_path(directory, manifest, artifact)
+            try:
+                with native_stderr_silenced():  # the runtime logs every function load on fd 2
+                    model = self.loop.run_until_complete(
+                        self.stack.enter_async_context(AIModelAsset.load(path).executable()))
+                    return [model.load_function(f) for f in functions]
+            except Exception as e:  # noqa: BLE001 (an unloadable asset is named, not dumped)
+                raise UserError(f"the Core AI runtime cannot load {path.name}: {str(e).strip().splitlines()[0]}") \
+                    from None
+
+        steps, state = manifest["schedule"]["steps"], manifest["schedule"]["coreai"]["state"]
+        self.vision_function = load(steps["vision"]["artifact"], [steps["vision"].get("function", "main")])[0]
+        order = ("prefill", "decode")
+        loaded = load(steps["prefill"]["artifact"], [steps[s]["function"] for s in order])
+        self.functions = {steps[s]["tokens"]: f for s, f in zip(order, loaded, strict=True)}
+        self.state_names, self.state_shape = state["names"], tuple(state["shape"])
+        self.state_dtype = np.dtype(state["dtype"])
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh zeroed state arrays: a new conversation."""
+        self.state = {n: self.NDArray(np.zeros(self.state_shape, self.state_dtype)) for n in self.state_names}
+
+    def _call(self, function, inputs: dict[str, np.ndarray], state: dict | None = None) -> dict:
+        feed = {k: self.NDArray(np.ascontiguousarray(v, dtype=np.int32 if v.dtype == np.int64 else v.dtype))
+                for k, v in inputs.items()}  # the runtime takes int32 where the graph has int64
+        return self.loop.run_until_complete(function(feed, state=state or {}))
+
+    def vision(self, **inputs: np.ndarray) -> np.ndarray:
+        names = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
+        out = [self._call(self.vision_function, {n: inputs[n][i:i + 1] for n in names})["features"].numpy()
+               for i in range(len(inputs["pixel_values"]))]  # the asset takes one slice per call
+        return np.concatenate(out).astype(np.float32)
+
+    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        tokens = inputs["inputs_embeds"].shape[1]
+        width = min((t for t in self.functions if t >= tokens), default=None)
+        if width is None:
+            raise UserError(f"the Core AI LLM takes at most {max(self.functions)} tokens per call, got {tokens}")
+        names = ("inputs_embeds", "position_ids", "attention_mask", "last_index")  # past K/V: the state
+        feed = {n: inputs[n] for n in names} if width == tokens else _pad_call(inputs, width)
+        logits = self._call(self.functions[width], feed, self.state)["logits"].numpy()
+        return logits.astype(np.float32), None, None
+
+
+def _pad_call(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """A call of T new tokens as one of `width` (a shorter prefill chunk on the fixed-width prefill function):
+    pad rows see only the new rows up to themselves, and their K/V land in slots the mask never shows before
+    real tokens overwrite them (slot == position, and the state has `width` slack slots past the context)."""
+    x, mask = inputs["inputs_embeds"], inputs["attention_mask"]
+    tokens = x.shape[1]
+    context = mask.shape[-1] - tokens
+    embeds = np.zeros((1, width, x.shape[2]), dtype=x.dtype)
+    embeds[:, :tokens] = x
+    start = int(inputs["position_ids"][0, 0])
+    positions = np.minimum(np.arange(start, start + width), context - 1).astype(np.int64)[None]
+    low = np.finfo(mask.dtype).min
+    padded = np.full((1, 1, width, context + width), low, dtype=mask.dtype)
+    padded[..., :tokens, :context + tokens] = mask
+    padded[..., tokens:, context:] = np.triu(np.full((width, width), low, dtype=mask.dtype), 1)[tokens:]
+    return {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": padded,
+            "last_index": inputs["last_index"]}
+
+
+def _close_loop(loop, stack) -> None:
+    if not loop.is_closed():
+        with native_stderr_silenced():
+            loop.run_until_complete(stack.aclose())
+        loop.close()
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a block: native libraries' log lines (the Core AI runtime logs every
+    function it loads) that Python's sys.stderr cannot catch."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A copy with ordinary strides: numpy's `[None]` axes have stride 0, which ExecuTorch rejects."""
     return torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype).copy_(torch.from_numpy(array))
@@ -231,6 +347,8 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
                                  schedule["steps"], schedule["kv_cache"]["layers"], threads)
     if name == "coreml":
         return CoreMLBackend(directory, manifest)
+    if name == "coreai":
+        return CoreAIBackend(directory, manifest)
     if manifest["format"] != "onnx":
         raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
     return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),

@@ -1,8 +1,8 @@
 """`python -m runtime.bench` (`make bench`): speed and memory of the schedule, per model and backend.
 
-For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w, int4 also with an int8 head): export
-(timed), then answer one image question through each backend that runs it and record vision ms per slice, time
-to first token, prefill and decode tok/s and peak RSS (each run in its own process, so RSS is not shared).
+For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w, Core AI fp32 / int4, int4 also with an int8
+head): export (timed), then answer one image question through each backend that runs it and record vision ms per
+slice, time to first token, prefill and decode tok/s and peak RSS (each run in its own process, so RSS is not shared).
 Prints a table and writes `out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4
 exports use RTN: the same kernels and sizes as AWQ without the calibration time.
 """
@@ -30,6 +30,11 @@ EXPORTS = {
     # the device configuration: at 4 bits the float head is most of the bytes read per token
     "onnx-int4-int8head": ("export.onnx", ["--quant", "int4-rtn", "--lm-head", "int8"], ["onnxruntime"]),
     "executorch-8da4w-int8head": ("export.executorch", ["--quant", "int4-rtn", "--lm-head", "int8"], ["executorch"]),
+    # Core AI through coreai.runtime (CPU on Linux computes fp16 programs far slower than fp32: bench fp32)
+    "coreai": ("export.coreai", ["--quant", "none", "--precision", "fp32"], ["coreai"]),
+    "coreai-int4": ("export.coreai", ["--quant", "int4-rtn", "--precision", "fp32"], ["coreai"]),
+    "coreai-int4-int8head": ("export.coreai", ["--quant", "int4-rtn", "--lm-head", "int8", "--precision", "fp32"],
+                             ["coreai"]),
 }
 
 
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         _run([module, "--model", model, "--out", str(export_dir), "--max-context", str(args.max_context), *extra])
         export_s = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in export_dir.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
         common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
         for backend in backends:
             stats = _run(["runtime.generate", "--artifacts", str(export_dir), "--backend", backend,
