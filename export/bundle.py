@@ -147,7 +147,7 @@ def video_preprocessing() -> dict:
             "unused_frame_slots": "zero pixels, patch_mask 0"}
 
 
-def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str, artifacts: dict,
+def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
                    files: list[dict], args: argparse.Namespace, dtype: str, parity: dict,
                    quantization: dict | None = None, steps: dict | None = None) -> dict:
     cfg = ckpt.config
@@ -181,7 +181,8 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model: MiniCPMV, model_name: str,
             "max_slice_nums": args.max_slice_nums or cfg.slice.max_slice_nums, "slice_mode": cfg.slice.slice_mode,
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "query_num": cfg.query_num,
             "use_image_id": cfg.use_image_id, "image_tag": ckpt.prompts.tag, "max_patches": args.max_patches,
-            "num_patches_per_side": model.vpm.num_patches_per_side,
+            # the vision position table's side, as Idefics2VisionEmbeddings derives it from the same config
+            "num_patches_per_side": cfg.vision.image_size // cfg.vision.patch_size,
             **({"video": video_preprocessing()} if cfg.variant.resampler == "3d" else {}),
         },
         "schedule": {

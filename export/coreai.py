@@ -47,7 +47,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -381,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
         vision, vision_io, parity["vision"] = export_vision(model, out, args.max_patches, np_dtype)
         rows.append(("vision.aimodel", tree_size(vision), parity["vision"], time.perf_counter() - t))
         artifacts["vision"] = asset_entry(vision, {"main": vision_io})
-        patch_grid = SimpleNamespace(vpm=SimpleNamespace(num_patches_per_side=model.vpm.num_patches_per_side))
         del model.vpm, model.resampler  # the vision weights are done with: free them before the LLM
         gc.collect()
         progress.update()
@@ -410,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
                  "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
         written = quant.int4_layers + quant.int8_layers
-        manifest = build_manifest("coreai", ckpt, patch_grid, args.model, artifacts, files, args, dtype_name, parity,
+        manifest = build_manifest("coreai", ckpt, args.model, artifacts, files, args, dtype_name, parity,
                                   quant.manifest(**({"format": FORMAT} if written else {})), steps)
         manifest["schedule"]["coreai"] = {
             "state": {"names": state_names, "shape": state_shape, "dtype": dtype_name,

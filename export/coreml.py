@@ -55,7 +55,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -602,7 +601,6 @@ def main(argv: list[str] | None = None) -> int:
         vision, parity["vision"] = export_vision(ct, model, out, args, metadata)
         rows.append(("vision.mlpackage", tree_size(vision), parity["vision"], time.perf_counter() - t))
         # build_manifest reads the patch grid from the model; keep that fact only.
-        patches_per_side = SimpleNamespace(vpm=SimpleNamespace(num_patches_per_side=model.vpm.num_patches_per_side))
         # The vision weights are not needed any more: release them before the LLM is traced.
         del model.vpm, model.resampler
         gc.collect()
@@ -651,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
                  "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
         written = quant.int4_layers + quant.int8_layers
-        manifest = build_manifest("coreml", ckpt, patches_per_side, args.model, artifacts, files, args, dtype_name,
+        manifest = build_manifest("coreml", ckpt, args.model, artifacts, files, args, dtype_name,
                                   parity, quant.manifest(**COMPRESSION if written else {}), steps)
         manifest["schedule"]["coreml"] = {
             "target": args.target,

@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                  "embedding": {"artifact": "program", "function": "token_embedding"},
                  "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
-        manifest = build_manifest("executorch", ckpt, model, args.model, artifacts, files, args, "float32",
+        manifest = build_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32",
                                   errors, quant.manifest(**facts), steps)
         decoder = methods["text_decoder"].module
         manifest["schedule"]["kv_cache"].update({

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if records:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
                          accuracy_level=args.accuracy_level)
-        manifest = build_manifest("onnx", ckpt, model, args.model, artifacts, files, args,
+        manifest = build_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                   "float16" if args.dtype == "fp16" else "float32", parity, entry)
         write_manifest(out, manifest)
         steps.update()
