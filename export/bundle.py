@@ -61,7 +61,7 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
 
     Killed at any point, `out` is the previous complete export or absent, never a mixture. Siblings left by
     killed runs (`.NAME.tmp-PID-*`, `.NAME.old-PID`) are removed by the next run once PID is dead. Concurrent
-    exports to one `out` swap in under an exclusive lock, so the last to finish wins, whole.
+    exports to one `out` swap in under an exclusive lock on its parent directory, so the last to finish wins, whole.
     """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,10 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         yield tmp
-        with open(out.with_name(f".{out.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        # Lock the parent directory itself (no lock file left beside `out`); released on close or death.
+        parent = os.open(out.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(parent, fcntl.LOCK_EX)
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)
@@ -79,6 +81,8 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+        finally:
+            os.close(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

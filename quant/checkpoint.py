@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from export.bundle import staged_directory
 from minicpm.checkpoint import load_model
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -63,9 +63,7 @@ def write_quantized(result: QuantResult, source: str | os.PathLike, out: str | o
     """Write the quantised checkpoint directory `out` (see the module docstring); atomic: a temporary
     directory next to `out` is filled, then renamed into place."""
     source, out = Path(source), check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:  # the exporters' staging: killed runs leave the old directory or none
         os.chmod(tmp, default_mode(directory=True))
         for f in sorted(source.iterdir()):
             if f.is_file() and not f.name.endswith(WEIGHT_FILES):
@@ -77,16 +75,6 @@ def write_quantized(result: QuantResult, source: str | os.PathLike, out: str | o
                 "quant_config": result.config.to_dict(), "summary": result.summary(), **(info or {}),
                 "report": result.report}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

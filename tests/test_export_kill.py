@@ -31,8 +31,8 @@ def start(exporter: str, out: Path) -> subprocess.Popen:
 
 
 def siblings(out: Path) -> list[str]:
-    """Temporary siblings of `out` (the lock file is not one: it holds no export)."""
-    return sorted(p.name for p in out.parent.glob(f".{out.name}.*") if not p.name.endswith(".lock"))
+    """Temporary siblings of `out`."""
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
 
 
 def kill_while_staging(process: subprocess.Popen, out: Path, sig: int, files_in_stage: int) -> None:
