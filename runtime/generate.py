@@ -61,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.session import Session  # noqa: PLC0415
 
         session = Session(args.artifacts, args.backend, on_context_full=args.on_context_full)
+        if args.parity:  # refused before answering, not after
+            from runtime.backends import reference_source  # noqa: PLC0415
+
+            if not sampling.greedy:
+                raise UserError("--parity compares greedy tokens: drop the sampling flags")
+            reference_source(session.manifest)
         result = session.ask(messages, sampling, on_text, args.max_slice_nums, args.thinking)
         if args.parity:
             from runtime.parity import eager_reference, parity_line  # noqa: PLC0415
 
-            if not sampling.greedy:
-                raise UserError("--parity compares greedy tokens: drop the sampling flags")
             expected = eager_reference(session.manifest, messages, sampling, args.max_slice_nums, args.thinking)
             parity = parity_line(session.backend.name, result.token_ids, expected.token_ids)
     else:

@@ -315,3 +315,13 @@ def test_generate_parity_line_compares_the_chain_with_the_eager_int4_model(expor
 
         eager_reference(read_manifest(export(*RTN_V4)), [{"role": "user", "content": "x"}], SamplingConfig(), None,
                         False)
+
+
+def test_generate_parity_is_refused_before_answering_for_a_float_source(export):
+    """An int4 export quantised during the export has no int4 checkpoint to compare with: --parity says so in
+    one line before any answer is streamed."""
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--artifacts", str(export(*RTN_V4)), "--prompt",
+                        "Hi", "--max-new-tokens", "4", "--parity"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "is a float checkpoint" in r.stderr
