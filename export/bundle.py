@@ -138,6 +138,21 @@ def write_embedding_table(model: MiniCPMV, dest: Path, dtype: torch.dtype) -> di
 VIDEO_FRAME_SLOTS = 6  # frames per group in the exported video graph (the 3D resampler takes up to 6)
 
 
+def video_example(model: MiniCPMV, max_patches: int) -> dict[str, torch.Tensor]:
+    """Inputs of `VideoGroupStep` for two groups of noise frames (4 and 2 of the 6 slots used, temporal ids on
+    0.1 s steps), float32: the second group has unused slots, so every exporter's parity covers the padding the
+    runtime relies on. Batch-1 exporters take one group at a time (`[i:i + 1]`)."""
+    from minicpm.image_processing import process_video_group  # noqa: PLC0415
+    from minicpm.modeling import video_inputs  # noqa: PLC0415
+
+    rng = np.random.RandomState(1)
+    frames = [rng.randint(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(6)]
+    groups = [process_video_group(frames[:4], [0, 3, 7, 10], model.config.slice),
+              process_video_group(frames[4:], [13, 17], model.config.slice)]
+    return video_inputs(groups, VIDEO_FRAME_SLOTS, model.config.slice.patch_size, model.vpm.num_patches_per_side,
+                        model.config.hidden_size, max_patches)
+
+
 def video_preprocessing() -> dict:
     """The model card's video recipe (minicpm.video) as the host must reproduce it."""
     from minicpm import video  # noqa: PLC0415

@@ -9,7 +9,9 @@ the coreai-core wheel runs them on Linux too (CPU), so the whole chain is measur
 Assets (directories; the manifest hashes them with runtime.manifest.sha256_tree):
 - `vision.aimodel`, function `main`: one slice per call, the vision inputs at batch 1: pixel_values
   [1,3,p,P*p], position_ids [1,P] (int32 at run time), patch_mask [1,P], pos_embed [1,P,H] -> features
-  [1,query_num,H] (`minicpm.split.VisionStep`, the fixed-shape split of every format).
+  [1,query_num,H] (`minicpm.split.VisionStep`, the fixed-shape split of every format). MiniCPM-V 4.5: also
+  function `video`, one frame group per call ([1,6,...] inputs, unused slots with patch mask 0, through the
+  3D resampler: `VideoGroupStep`), sharing the asset's vision weights.
 - `llm.aimodel`, functions `prefill` (T = prefill chunk) and `decode` (T = 1) of ONE program: coreai-torch
   stages each torch.export program as an entrypoint of one MLIR module, and constants are attributes uniqued by
   content, so the weights both functions read are stored once (measured: the two-function asset is the size of
@@ -54,6 +56,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.bundle import (
+    VIDEO_FRAME_SLOTS,
     add_export_arguments,
     build_manifest,
     check_export_arguments,
@@ -61,6 +64,7 @@ from export.bundle import (
     max_abs_error,
     print_summary,
     staged_directory,
+    video_example,
     write_embedding_table,
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
@@ -68,7 +72,7 @@ from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import LanguageModelStep, VisionStep
+from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import sha256_tree, write_manifest
 
@@ -269,18 +273,28 @@ def vision_examples(model: MiniCPMV, max_patches: int, dtype) -> list[dict[str, 
 
 
 @torch.no_grad()
-def export_vision(model: MiniCPMV, out: Path, max_patches: int, dtype) -> tuple[Path, dict, float]:
-    """vision.aimodel; its function's I/O and max |error| of the Core AI runtime against the eager step."""
-    step = VisionStep(model).eval()
-    examples = vision_examples(model, max_patches, dtype)
-    args = tuple(torch.from_numpy(examples[0][n]) for n in VISION_INPUTS)
-    path = save_asset({"main": export_program(step, args)}, out / "vision.aimodel", VISION_INPUTS, ["features"])
+def export_vision(model: MiniCPMV, out: Path, max_patches: int, dtype) -> tuple[Path, dict, dict]:
+    """vision.aimodel; each function's I/O and max |error| of the Core AI runtime against its eager step.
+    MiniCPM-V 4.5 adds the `video` function (one frame group of 6 slots through the 3D resampler): one asset,
+    so the functions share the vision weights (constants are uniqued by content)."""
+    steps = {"main": (VisionStep(model).eval(), vision_examples(model, max_patches, dtype))}
+    if model.resampler.temporal:
+        groups = video_example(model, max_patches)
+        steps["video"] = (VideoGroupStep(model).eval(),
+                          [{k: v[i:i + 1].numpy().astype(dtype) if v.is_floating_point() else v[i:i + 1].numpy()
+                            for k, v in groups.items()} for i in range(len(groups["pixel_values"]))])
+    programs = {name: export_program(step, tuple(torch.from_numpy(examples[0][n]) for n in VISION_INPUTS))
+                for name, (step, examples) in steps.items()}
+    path = save_asset(programs, out / "vision.aimodel", VISION_INPUTS, ["features"])
+    errors, io = {}, {}
     with AssetRunner(path) as runner:
-        error = max(max_abs_error(runner("main", e)["features"],
-                                  step(*(torch.from_numpy(e[n]) for n in VISION_INPUTS)).float().numpy())
-                    for e in examples)
-        io = runner.describe("main")
-    return path, io, error
+        for name, (step, examples) in steps.items():
+            errors["vision" if name == "main" else name] = max(
+                max_abs_error(runner(name, e)["features"],
+                              step(*(torch.from_numpy(e[n]) for n in VISION_INPUTS)).float().numpy())
+                for e in examples)
+            io[name] = runner.describe(name)
+    return path, io, errors
 
 
 @torch.no_grad()
@@ -377,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     with staged_directory(args.out) as out:
         t = time.perf_counter()
         progress.set_postfix_str("vision asset")
-        vision, vision_io, parity["vision"] = export_vision(model, out, args.max_patches, np_dtype)
-        rows.append(("vision.aimodel", tree_size(vision), parity["vision"], time.perf_counter() - t))
-        artifacts["vision"] = asset_entry(vision, {"main": vision_io})
+        vision, vision_io, errors = export_vision(model, out, args.max_patches, np_dtype)
+        parity.update(errors)
+        rows.append(("vision.aimodel" + (" (+video)" if "video" in errors else ""), tree_size(vision),
+                     max(errors.values()), time.perf_counter() - t))
+        artifacts["vision"] = asset_entry(vision, vision_io)
         del model.vpm, model.resampler  # the vision weights are done with: free them before the LLM
         gc.collect()
         progress.update()
@@ -405,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
 
         progress.set_postfix_str("manifest")
         steps = {"vision": {"artifact": "vision", "function": "main", "batch": 1},
+                 **({"video": {"artifact": "vision", "function": "video", "frames": VIDEO_FRAME_SLOTS, "batch": 1}}
+                    if "video" in errors else {}),
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
                  "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
         written = quant.int4_layers + quant.int8_layers

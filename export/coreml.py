@@ -7,7 +7,9 @@
 Packages (ML programs for iOS 18 / macOS 15; they convert on Linux, run only on Apple platforms):
 - `vision.mlpackage`: one slice per call, the ONNX vision graph's inputs at batch 1: pixel_values
   [1,3,p,P*p], position_ids [1,P] int32 (host NaViT ids), patch_mask [1,P], pos_embed [1,P,H] ->
-  features [1,query_num,H]. Vision weights are never quantised (fp16 by default). `--ane-vision` marks the
+  features [1,query_num,H]. MiniCPM-V 4.5: a second function `video`, one frame group per call ([1,6,...]
+  inputs, unused slots with patch mask 0) through the 3D resampler, sharing the weights. Vision weights are
+  never quantised (fp16 by default). `--ane-vision` marks the
   Neural Engine variant: fp16 only (refused with --precision fp32), static batch-1 shapes, loaded with cpu_and_ne.
   A package stores no compute-unit preference: the manifest's schedule.coreml.compute_units tells the runtime.
 - `llm.mlpackage`: ONE package, two functions sharing one copy of the weights (multifunction):
@@ -62,6 +64,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.bundle import (
+    VIDEO_FRAME_SLOTS,
     add_export_arguments,
     build_manifest,
     check_export_arguments,
@@ -69,13 +72,14 @@ from export.bundle import (
     max_abs_error,
     print_summary,
     staged_directory,
+    video_example,
     write_embedding_table,
 )
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import LanguageModelStep, VisionStep
+from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import sha256_tree, write_manifest
 
@@ -329,29 +333,64 @@ def vision_example(model: MiniCPMV, max_patches: int) -> list[dict[str, torch.Te
             for i in range(min(2, len(slices.pixel_values)))]
 
 
+def vision_tensor_types(ct, args: argparse.Namespace, hidden: int, patch: int, frames: int | None = None) -> list:
+    """Inputs of the vision package at batch 1; `frames`: the video function's frame-slot axis."""
+    floating, lead = _np_float(args), (1,) if frames is None else (1, frames)
+    return [ct.TensorType(name="pixel_values", shape=(*lead, 3, patch, args.max_patches * patch), dtype=floating),
+            ct.TensorType(name="position_ids", shape=(*lead, args.max_patches), dtype=np.int32),
+            ct.TensorType(name="patch_mask", shape=(*lead, args.max_patches), dtype=floating),
+            ct.TensorType(name="pos_embed", shape=(*lead, args.max_patches, hidden), dtype=floating)]
+
+
 @torch.no_grad()
-def export_vision(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict) -> tuple[Path, float]:
-    """vision.mlpackage; returns its path and the max |error| of the exported program against the eager step."""
-    examples = vision_example(model, args.max_patches)
-    step = VisionStep(model).eval()
+def convert_vision_function(ct, step: nn.Module, examples: list[dict], inputs: list, args: argparse.Namespace,
+                            what: str) -> tuple[object, float]:
+    """torch.export + convert one vision-side function; the max |error| of the exported program against the
+    eager step on every example."""
     program = export_program(step, tuple(examples[0][n] for n in VISION_INPUTS))
     traced = program.module()
     error = max(max_abs_error(traced(*(e[n] for n in VISION_INPUTS)), step(*(e[n] for n in VISION_INPUTS)))
                 for e in examples)
     del traced
+    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="features", dtype=_np_float(args))], args,
+                      fp32_ops=False, what=what)
+    return mlmodel, error
+
+
+def export_vision(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict) -> tuple[Path, dict]:
+    """vision.mlpackage; returns its path and the max |error| of each exported program against its eager step.
+    MiniCPM-V 4.5 adds the `video` function (one frame group of 6 slots through the 3D resampler) to the same
+    package: a second function with its own static shapes, the vision weights stored once."""
     p, hidden = model.config.slice.patch_size, model.config.hidden_size
-    floating = _np_float(args)
-    inputs = [ct.TensorType(name="pixel_values", shape=(1, 3, p, args.max_patches * p), dtype=floating),
-              ct.TensorType(name="position_ids", shape=(1, args.max_patches), dtype=np.int32),
-              ct.TensorType(name="patch_mask", shape=(1, args.max_patches), dtype=floating),
-              ct.TensorType(name="pos_embed", shape=(1, args.max_patches, hidden), dtype=floating)]
-    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="features", dtype=floating)], args, fp32_ops=False,
-                      what="vision step")
-    del program
+    errors = {}
+    mlmodel, errors["vision"] = convert_vision_function(
+        ct, VisionStep(model).eval(), vision_example(model, args.max_patches),
+        vision_tensor_types(ct, args, hidden, p), args, "vision step")
     path = out / "vision.mlpackage"
-    _save(mlmodel, path, "MiniCPM-V vision: one slice (patch row) -> query_num x H features",
-          {**metadata, "function": "vision", "max_patches": args.max_patches, "ane_variant": args.ane_vision})
-    return path, error
+    facts = {**metadata, "max_patches": args.max_patches, "ane_variant": args.ane_vision}
+    if not model.resampler.temporal:
+        _save(mlmodel, path, "MiniCPM-V vision: one slice (patch row) -> query_num x H features",
+              {**facts, "function": "vision"})
+        return path, errors
+    parts = out / ".vision-functions"
+    parts.mkdir()
+    with quiet_converter():
+        mlmodel.save(str(parts / "main.mlpackage"))
+    del mlmodel
+    groups = video_example(model, args.max_patches)
+    examples = [{n: groups[n][i:i + 1] for n in VISION_INPUTS} for i in range(len(groups["pixel_values"]))]
+    mlmodel, errors["video"] = convert_vision_function(
+        ct, VideoGroupStep(model).eval(), examples, vision_tensor_types(ct, args, hidden, p, VIDEO_FRAME_SLOTS),
+        args, "video step")
+    with quiet_converter():
+        mlmodel.save(str(parts / "video.mlpackage"))
+    del mlmodel
+    merge_functions(ct, {"main": parts / "main.mlpackage", "video": parts / "video.mlpackage"}, path, "main",
+                    "MiniCPM-V vision: functions main (one slice -> query_num x H features) and video (one group "
+                    f"of {VIDEO_FRAME_SLOTS} frame slots -> query_num x H)",
+                    {**facts, "functions": "main,video", "frames_per_group": VIDEO_FRAME_SLOTS})
+    shutil.rmtree(parts)
+    return path, errors
 
 
 # ----- LLM -------------------------------------------------------------------------------------------------
@@ -448,12 +487,12 @@ def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: 
     return paths
 
 
-def merge_functions(ct, parts: dict[str, Path], path: Path, metadata: dict) -> None:
+def merge_functions(ct, parts: dict[str, Path], path: Path, default: str, description: str, metadata: dict) -> None:
     """One multifunction package: identical weights are stored once (const deduplication across functions)."""
     desc = ct.utils.MultiFunctionDescriptor()
     for name, part in parts.items():
         desc.add_function(str(part), src_function_name="main", target_function_name=name)
-    desc.default_function_name = "decode"
+    desc.default_function_name = default
     with quiet_converter():
         ct.utils.save_multifunction(desc, str(path))
     # Metadata goes into the package's spec file directly: reloading and saving would rewrite the weights.
@@ -461,8 +500,7 @@ def merge_functions(ct, parts: dict[str, Path], path: Path, metadata: dict) -> N
 
     spec_path = Path(ModelPackage(str(path)).getRootModel().path())
     spec = ct.utils.load_spec(str(path))
-    describe(spec, "MiniCPM-V LLM: functions prefill (T = prefill chunk) and decode (T = 1), KV cache as state",
-             metadata)
+    describe(spec, description, metadata)
     spec_path.write_bytes(spec.SerializeToString())
     _publish(path)
 
@@ -598,8 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     with staged_directory(args.out) as out:
         t = time.perf_counter()
         progress.set_postfix_str("vision package")
-        vision, parity["vision"] = export_vision(ct, model, out, args, metadata)
-        rows.append(("vision.mlpackage", tree_size(vision), parity["vision"], time.perf_counter() - t))
+        vision, errors = export_vision(ct, model, out, args, metadata)
+        parity.update(errors)
+        rows.append(("vision.mlpackage" + (" (+video)" if "video" in errors else ""), tree_size(vision),
+                     max(errors.values()), time.perf_counter() - t))
         # build_manifest reads the patch grid from the model; keep that fact only.
         # The vision weights are not needed any more: release them before the LLM is traced.
         del model.vpm, model.resampler
@@ -635,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         progress.set_postfix_str("llm: multifunction package")
         llm = out / "llm.mlpackage"
-        merge_functions(ct, parts, llm, {**metadata, "functions": "prefill,decode",
+        merge_functions(ct, parts, llm, "decode", "MiniCPM-V LLM: functions prefill (T = prefill chunk) and decode "
+                        "(T = 1), KV cache as state", {**metadata, "functions": "prefill,decode",
                                          "prefill_chunk": args.prefill_chunk, "max_context": args.max_context,
                                          "state_slots": slots, "states": "k_cache_{layer}, v_cache_{layer}"})
         shutil.rmtree(parts_dir)
@@ -646,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         artifacts["vision"] = package_entry(out, vision)
         artifacts["llm"] = package_entry(out, llm)
         steps = {"vision": {"artifact": "vision", "function": "main", "batch": 1},
+                 **({"video": {"artifact": "vision", "function": "video", "frames": VIDEO_FRAME_SLOTS, "batch": 1}}
+                    if "video" in parity else {}),
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
                  "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
         written = quant.int4_layers + quant.int8_layers

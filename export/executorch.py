@@ -6,6 +6,9 @@ Methods of the program (ExecuTorch multimodal runner conventions):
   inputs (fixed patch row, host NaViT position ids, patch mask, resampler position table) for one slice per
   call. A static batch of 1 bounds the activation arena to one slice (the attention scores of a batch of 8
   real slices would take ~600 MB) and lowers faster; the host loops over slices.
+- `video_encoder(...)` (MiniCPM-V 4.5): the same inputs with a frame-slot axis, [1, 6, ...], one frame group per
+  call -> [1, query_num, H] through the 3D resampler (unused slots: patch mask 0); the vision weights are the
+  program's one copy, shared with `vision_encoder`.
 - `token_embedding(input_ids [1,T]) -> [1,T,H]`: the raw table lookup (the host applies the manifest's
   prompt embedding scale). The Python host reads `token_embedding.bin` instead, as for every format.
 - `text_decoder(inputs_embeds [1,T,H], position_ids [1,T], attention_mask [1,1,T,C+T], last_index [1])
@@ -72,6 +75,7 @@ from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from export.bundle import (
+    VIDEO_FRAME_SLOTS,
     _human,
     add_export_arguments,
     build_manifest,
@@ -80,19 +84,20 @@ from export.bundle import (
     file_entry,
     max_abs_error,
     staged_directory,
+    video_example,
     write_embedding_table,
 )
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import LanguageModelStep, VisionStep
+from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import write_manifest
 from runtime.session import NEG_INF
 
 PROGRAM = "model.pte"
-METHODS = ["vision_encoder", "token_embedding", "text_decoder", "prefill"]
+METHODS = ["vision_encoder", "video_encoder", "token_embedding", "text_decoder", "prefill"]
 VISION_INPUTS = ["pixel_values", "position_ids", "patch_mask", "pos_embed"]
 DECODER_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index"]
 LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")  # edge node names
@@ -216,15 +221,26 @@ class SplitProjectionAttention(nn.Module):
         return out.view(lq, batch, e), None
 
 
-def vision_step(model: MiniCPMV) -> VisionStep:
-    """`VisionStep` for export: the same modules, except a resampler copy whose attention has split
-    projections (`SplitProjectionAttention`); the model itself is left as it is."""
-    step = VisionStep(model).eval()
+def split_resampler(model: MiniCPMV) -> nn.Module:
+    """A copy of the resampler whose attention has split projections (`SplitProjectionAttention`), sharing
+    every parameter; the model itself is left as it is."""
     resampler = copy.copy(model.resampler)  # shares every parameter ...
     resampler._modules = dict(model.resampler._modules)  # ... but not the table of submodules
     resampler.attn = SplitProjectionAttention(model.resampler.attn)
-    step.resampler = resampler
+    return resampler
+
+
+def vision_step(model: MiniCPMV) -> VisionStep:
+    """`VisionStep` for export: the same modules with the split-projection resampler."""
+    step = VisionStep(model).eval()
+    step.resampler = split_resampler(model)
     return step
+
+
+def video_step(model: MiniCPMV) -> VideoGroupStep:
+    """`video_encoder`: one frame group of 6 slots (MiniCPM-V 4.5's 3D resampler) per call, batch 1 as for
+    slices; the same split-projection resampler."""
+    return VideoGroupStep(model, split_resampler(model)).eval()
 
 
 class TokenEmbedding(nn.Module):
@@ -339,6 +355,9 @@ def build_methods(model: MiniCPMV, max_context: int, chunk: int, max_patches: in
     slices = process_image(image, model.config.slice)
     inputs = model.vision_inputs(slices.pixel_values[:1], slices.tgt_sizes[:1], pad_to=max_patches)
     methods = {"vision_encoder": Method(vision_step(model), tuple(inputs[n] for n in VISION_INPUTS))}
+    if model.resampler.temporal:
+        group = video_example(model, max_patches)
+        methods["video_encoder"] = Method(video_step(model), tuple(group[n][:1] for n in VISION_INPUTS))
     ids = torch.export.Dim("ids", min=1, max=max_context)
     methods["token_embedding"] = Method(TokenEmbedding(model).eval(), (torch.tensor([[1, 2, 3]]),), ({1: ids},))
 
@@ -512,6 +531,14 @@ def parity(path: Path, methods: dict[str, Method], model: MiniCPMV, max_context:
     vision = methods["vision_encoder"]
     errors["vision_encoder"] = max_abs_error(program.load_method("vision_encoder").execute(list(vision.example))[0],
                                              vision.module(*vision.example))
+    if "video_encoder" in methods:  # both example groups (4 and 2 of the 6 frame slots used), one per call
+        video = methods["video_encoder"]
+        groups = video_example(model, max_patches=video.example[3].shape[2])  # pos_embed [1, frames, P, H]
+        method = program.load_method("video_encoder")
+        errors["video_encoder"] = max(
+            max_abs_error(method.execute([groups[n][i:i + 1] for n in VISION_INPUTS])[0],
+                          video.module(*(groups[n][i:i + 1] for n in VISION_INPUTS)))
+            for i in range(len(groups["pixel_values"])))
     ids = torch.tensor([[0, 5, 1, model.config.llm.vocab_size - 1]])
     errors["token_embedding"] = max_abs_error(program.load_method("token_embedding").execute([ids])[0],
                                               methods["token_embedding"].module(ids))
@@ -622,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str("manifest")
         prefill = "prefill" if "prefill" in methods else "text_decoder"
         steps = {"vision": {"artifact": "program", "function": "vision_encoder"},
+                 **({"video": {"artifact": "program", "function": "video_encoder", "frames": VIDEO_FRAME_SLOTS,
+                               "batch": 1}} if "video_encoder" in methods else {}),
                  "embedding": {"artifact": "program", "function": "token_embedding"},
                  "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
@@ -642,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
 def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
     """Input / output names, shapes (a dynamic axis by its name, e.g. "tokens" or "tokens + 4096") and dtypes."""
     h, q, v = model.config.hidden_size, model.config.query_num, model.config.llm.vocab_size
-    inputs = {"vision_encoder": VISION_INPUTS, "token_embedding": ["input_ids"], "text_decoder": DECODER_INPUTS,
+    inputs = {"vision_encoder": VISION_INPUTS, "video_encoder": VISION_INPUTS, "token_embedding": ["input_ids"],
+              "text_decoder": DECODER_INPUTS,
               "prefill": DECODER_INPUTS}
     specs = {}
     for name, method in methods.items():
@@ -653,7 +683,8 @@ def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
             for axis, dim in (dims or {}).items():
                 shape[axis] = dim.__name__
             tensors.append({"name": label, "shape": shape, "dtype": str(x.dtype).removeprefix("torch.")})
-        outputs = {"vision_encoder": ("features", [1, q, h]), "token_embedding": ("embeddings", [1, "ids", h]),
+        outputs = {"vision_encoder": ("features", [1, q, h]), "video_encoder": ("features", [1, q, h]),
+                   "token_embedding": ("embeddings", [1, "ids", h]),
                    "text_decoder": ("logits", [1, v]), "prefill": ("logits", [1, v])}
         label, shape = outputs[name]
         specs[name] = {"inputs": tensors, "outputs": [{"name": label, "shape": shape, "dtype": "float32"}]}

@@ -40,6 +40,7 @@ from export.bundle import (
     max_abs_error,
     print_summary,
     staged_directory,
+    video_example,
     write_embedding_table,
 )
 from export.quantization import QUANT_METHODS, quantized_model
@@ -129,27 +130,12 @@ def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tup
     return _export_batched(step, args, out / "vision.onnx", torch.export.Dim("batch", min=1, max=64))
 
 
-def video_example(model, max_patches: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-    """Two groups of noise frames (4 and 2 of the 6 slots used, temporal ids from 0.1 s steps): the second
-    has unused slots, so the example covers the padding the runtime relies on."""
-    from export.bundle import VIDEO_FRAME_SLOTS  # noqa: PLC0415
-    from minicpm.image_processing import process_video_group  # noqa: PLC0415
-    from minicpm.modeling import video_inputs  # noqa: PLC0415
-
-    rng = np.random.RandomState(1)
-    frames = [rng.randint(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(6)]
-    groups = [process_video_group(frames[:4], [0, 3, 7, 10], model.config.slice),
-              process_video_group(frames[4:], [13, 17], model.config.slice)]
-    inputs = video_inputs(groups, VIDEO_FRAME_SLOTS, model.config.slice.patch_size, model.vpm.num_patches_per_side,
-                          model.config.hidden_size, max_patches)
-    return tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
-
-
 def export_video(model, out: Path, max_patches: int, dtype: torch.dtype) -> tuple[dict, float]:
     """MiniCPM-V 4.5's frame-group graph (`VideoGroupStep`, the 3D resampler): [groups, 6 frame slots, ...] ->
     [groups, query_num, H], groups dynamic; measured against the torch step on two groups."""
     step = VideoGroupStep(model).eval()
-    args = video_example(model, max_patches, dtype)
+    inputs = video_example(model, max_patches)
+    args = tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
     return _export_batched(step, args, out / "video.onnx", torch.export.Dim("groups", min=1, max=16))
 
 

@@ -23,7 +23,10 @@ from transformers import PreTrainedTokenizerFast
 from minicpm.config import MiniCPMConfig
 from minicpm.modeling import MiniCPMV
 
-BUILDER_VERSION = 1  # bump when the tiny layouts change, so caches rebuild
+BUILDER_VERSION = 2  # bump when the tiny layouts or weights change, so caches rebuild
+# Weight seeds: with seed 0 the tiny V-4.5 answers every image or video with one repeated token, so greedy
+# tokens could not tell a right chain from a wrong one; seed 4 gives answers that follow the input.
+SEEDS = {"tiny-minicpm-v-4.5": 4}
 ASSETS = Path(__file__).parent / "assets"
 O45_TOKENIZER = ASSETS / "minicpm-o-4_5"
 
@@ -203,8 +206,9 @@ def _audio_and_tts_tensors(cfg: dict, gen: torch.Generator) -> dict[str, torch.T
     return {k: 0.02 * torch.randn(s, generator=gen) for k, s in shapes.items()}
 
 
-def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny checkpoint `name` into `out_dir` (created)."""
+def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
+    """Write the tiny checkpoint `name` into `out_dir` (created); weights from `seed` (default: its `SEEDS`)."""
+    seed = SEEDS.get(name, 0) if seed is None else seed
     configs = _tiny_configs()
     if name not in configs:
         raise ValueError(f"unknown tiny model {name!r} (known: {', '.join(configs)})")

@@ -2,6 +2,8 @@
 
 A backend takes and returns numpy arrays named as in the manifest:
 - `vision(pixel_values, position_ids, patch_mask, pos_embed) -> features`
+- `video(...)`: the same inputs with a frame-slot axis after the first ([groups, frames, ...]) -> one feature
+  block per group (MiniCPM-V 4.5 exports only: the manifest's `steps.video`)
 - `llm(inputs_embeds, position_ids, attention_mask, last_index, past_keys, past_values)
    -> (logits, new_keys, new_values)`
 A backend whose graph keeps the KV cache as state sets `owns_cache = True`: it gets the same inputs (with
@@ -38,15 +40,20 @@ class TorchBackend:
 
     def __init__(self, source: str, max_context: int):
         from minicpm.checkpoint import Checkpoint  # noqa: PLC0415
-        from minicpm.split import LanguageModelStep, VisionStep  # noqa: PLC0415
+        from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep  # noqa: PLC0415
 
         model, _ = Checkpoint.open(source).load_model("float32")
         self.vision_step = VisionStep(model).eval()
+        self.video_step = VideoGroupStep(model).eval() if model.resampler.temporal else None
         self.llm_step = LanguageModelStep(model, max_context).eval()
 
     @torch.no_grad()
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
         return self.vision_step(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+    @torch.no_grad()
+    def video(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.video_step(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
     @torch.no_grad()
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,20 +66,27 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, vision_path: Path, llm_path: Path, threads: int | None = None):
+    def __init__(self, vision_path: Path, llm_path: Path, threads: int | None = None, video_path: Path | None = None):
         import onnxruntime as ort  # noqa: PLC0415
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
-        try:
-            self.vision_session = ort.InferenceSession(str(vision_path), options, providers=["CPUExecutionProvider"])
-            self.llm_session = ort.InferenceSession(str(llm_path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 (an unloadable graph is named, not dumped)
-            raise UserError(f"onnxruntime cannot load the graphs: {str(e).splitlines()[0]}") from None
+
+        def load(path: Path):
+            try:
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 (an unloadable graph is named, not dumped)
+                raise UserError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0]}") from None
+
+        self.vision_session, self.llm_session = load(vision_path), load(llm_path)
+        self.video_session = load(video_path) if video_path else None
 
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
         return self.vision_session.run(None, inputs)[0]
+
+    def video(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.video_session.run(None, inputs)[0]
 
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.llm_session.run(None, inputs))
@@ -108,6 +122,8 @@ class CoreMLBackend:
 
         steps = manifest["schedule"]["steps"]
         self.vision_model = load("vision", None)
+        video = steps.get("video")
+        self.video_model = load(video["artifact"], video["function"]) if video else None
         self.functions = {steps[s]["tokens"]: load("llm", steps[s]["function"]) for s in ("prefill", "decode")}
         artifacts = manifest["artifacts"]
         self.vision_dtypes = {t["name"]: np.dtype(t["dtype"]) for t in artifacts["vision"]["inputs"]}
@@ -124,6 +140,13 @@ class CoreMLBackend:
         for i in range(len(inputs["pixel_values"])):  # the package takes one slice per call
             feed = {k: np.ascontiguousarray(inputs[k][i:i + 1]).astype(dt) for k, dt in self.vision_dtypes.items()}
             out.append(self.vision_model.predict(feed)["features"])
+        return np.concatenate(out).astype(np.float32)
+
+    def video(self, **inputs: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(len(inputs["pixel_values"])):  # one frame group per call
+            feed = {k: np.ascontiguousarray(inputs[k][i:i + 1]).astype(dt) for k, dt in self.vision_dtypes.items()}
+            out.append(self.video_model.predict(feed)["features"])
         return np.concatenate(out).astype(np.float32)
 
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
@@ -164,6 +187,8 @@ class ExecuTorchBackend:
         try:
             self.program = self.runtime.load_program(self.path)
             self.vision_method = self.program.load_method(self.functions["vision"])
+            self.video_method = self.program.load_method(self.functions["video"]) if "video" in self.functions \
+                else None
             self.decoder = self.program.load_method(self.functions["prefill"])
         except Exception as e:  # noqa: BLE001 (an unloadable program is named, not dumped)
             raise UserError(f"executorch cannot load {self.path.name}: {str(e).splitlines()[0]} (programs lowered "
@@ -190,6 +215,12 @@ class ExecuTorchBackend:
         batch = len(inputs[names[0]])
         out = [self.vision_method.execute([_tensor(inputs[n][i:i + 1]) for n in names])[0] for i in range(batch)]
         return torch.cat(out).numpy()
+
+    def video(self, **inputs: np.ndarray) -> np.ndarray:
+        names = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
+        groups = len(inputs[names[0]])  # one frame group per call
+        return torch.cat([self.video_method.execute([_tensor(inputs[n][i:i + 1]) for n in names])[0]
+                          for i in range(groups)]).numpy()
 
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
         names = ("inputs_embeds", "position_ids", "attention_mask", "last_index")  # past K/V: in the program
@@ -236,7 +267,10 @@ class CoreAIBackend:
                     from None
 
         steps, state = manifest["schedule"]["steps"], manifest["schedule"]["coreai"]["state"]
-        self.vision_function = load(steps["vision"]["artifact"], [steps["vision"].get("function", "main")])[0]
+        video = steps.get("video")
+        loaded = load(steps["vision"]["artifact"], [steps["vision"].get("function", "main")]
+                      + ([video["function"]] if video else []))  # one asset: the video function shares the weights
+        self.vision_function, self.video_function = loaded[0], (loaded[1] if video else None)
         order = ("prefill", "decode")
         loaded = load(steps["prefill"]["artifact"], [steps[s]["function"] for s in order])
         self.functions = {steps[s]["tokens"]: f for s, f in zip(order, loaded, strict=True)}
@@ -257,6 +291,12 @@ class CoreAIBackend:
         names = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
         out = [self._call(self.vision_function, {n: inputs[n][i:i + 1] for n in names})["features"].numpy()
                for i in range(len(inputs["pixel_values"]))]  # the asset takes one slice per call
+        return np.concatenate(out).astype(np.float32)
+
+    def video(self, **inputs: np.ndarray) -> np.ndarray:
+        names = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
+        out = [self._call(self.video_function, {n: inputs[n][i:i + 1] for n in names})["features"].numpy()
+               for i in range(len(inputs["pixel_values"]))]  # one frame group per call
         return np.concatenate(out).astype(np.float32)
 
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
@@ -351,5 +391,6 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
         return CoreAIBackend(directory, manifest)
     if manifest["format"] != "onnx":
         raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
+    video = manifest["schedule"]["steps"].get("video")
     return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),
-                              threads)
+                              threads, artifact_path(directory, manifest, video["artifact"]) if video else None)

@@ -18,7 +18,7 @@ import torch
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer, timing_stats
-from minicpm.modeling import vision_inputs
+from minicpm.modeling import video_inputs, vision_inputs
 from minicpm.prompt import Prompt
 from runtime.backends import default_backend, open_backend
 from runtime.manifest import artifact_path, read_manifest
@@ -154,27 +154,48 @@ class Session:
     # ----- steps -----------------------------------------------------------------------------------------
 
     def _vision(self, turn: Prompt) -> list[np.ndarray]:
-        if any(im.temporal_ids is not None for im in turn.images):
-            raise UserError("video frame groups (3D resampler) are not in the exported vision graph yet; "
-                            "run them with the eager reference (--model)")
-        rows, sizes = turn.pixel_values, turn.tgt_sizes
-        too_big = [h * w for h, w in sizes if h * w > self.max_patches]
+        """One feature block per placeholder span, in prompt order: image slices in batches of the vision
+        step, video frame groups in batches of the video step."""
+        slices = [im for im in turn.images if im.temporal_ids is None]
+        groups = [im for im in turn.images if im.temporal_ids is not None]
+        rows = [pv for im in slices for pv in im.pixel_values]
+        sizes = [t for im in slices for t in im.tgt_sizes]
+        too_big = [h * w for h, w in sizes + [t for g in groups for t in g.tgt_sizes] if h * w > self.max_patches]
         if too_big:
             raise UserError(f"a slice has {max(too_big)} patches but this export's vision graph takes "
                             f"{self.max_patches} (re-export with --max-patches {max(too_big)} or use fewer "
                             "slices for such extreme aspect ratios)")
-        pre = self.manifest["preprocessing"]
-        out = []
+        pre, hidden = self.manifest["preprocessing"], self.manifest["model"]["hidden_size"]
+        image_features = []
         for start in range(0, len(rows), VISION_BATCH):
-            batch = vision_inputs(rows[start:start + VISION_BATCH], sizes[start:start + VISION_BATCH],
-                                  pre["patch_size"], pre["num_patches_per_side"], self.manifest["model"]["hidden_size"],
+            part = slice(start, start + VISION_BATCH)
+            batch = vision_inputs(rows[part], sizes[part], pre["patch_size"], pre["num_patches_per_side"], hidden,
                                   pad_to=self.max_patches)
-            inputs = {k: v.numpy() for k, v in batch.items()}
-            for k in ("pixel_values", "pos_embed"):
-                inputs[k] = inputs[k].astype(self.dtype)
-            inputs["patch_mask"] = inputs["patch_mask"].astype(self.dtype)
-            out.extend(self.backend.vision(**inputs).astype(np.float32))
+            image_features.extend(self.backend.vision(**self._floats(batch)).astype(np.float32))
+        group_features = self._video(groups)
+        images, videos = iter(image_features), iter(group_features)
+        return [f for im in turn.images
+                for f in ([next(images) for _ in im.pixel_values] if im.temporal_ids is None else [next(videos)])]
+
+    def _video(self, groups: list) -> list[np.ndarray]:
+        """Frame groups through the export's video step (the 3D resampler), `VISION_BATCH` groups per call."""
+        if not groups:
+            return []
+        step = self.manifest["schedule"]["steps"].get("video")
+        if step is None:
+            raise UserError(f"this {self.manifest['model']['variant']} export has no video step (video needs a "
+                            "MiniCPM-V 4.5 export)")
+        pre, hidden = self.manifest["preprocessing"], self.manifest["model"]["hidden_size"]
+        out = []
+        for start in range(0, len(groups), VISION_BATCH):
+            batch = video_inputs(groups[start:start + VISION_BATCH], step["frames"], pre["patch_size"],
+                                 pre["num_patches_per_side"], hidden, pad_to=self.max_patches)
+            out.extend(self.backend.video(**self._floats(batch)).astype(np.float32))
         return out
+
+    def _floats(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Vision inputs as numpy, float ones in the export's dtype (position ids stay int64)."""
+        return {k: v.numpy().astype(self.dtype) if v.is_floating_point() else v.numpy() for k, v in batch.items()}
 
     def _prefill(self, embeds: np.ndarray) -> np.ndarray:
         """Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token."""

@@ -58,3 +58,24 @@ def images(tmp_path):
         noise_image(w, h, seed=i).save(p)
         paths.append(p)
     return paths
+
+
+def encode_video(path, frames: int, fps: int, width: int = 64, height: int = 48, seed: int = 0) -> str:
+    """An MPEG-4 test video encoded with PyAV: frame i's red channel is i * 8 (mod 256), plus seeded noise in
+    the other channels when `seed` is set (so two videos of one length differ in content)."""
+    import av  # noqa: PLC0415
+
+    rng = np.random.RandomState(seed)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            a = np.zeros((height, width, 3), np.uint8)
+            if seed:
+                a[..., 1:] = rng.randint(0, 255, (height, width, 2))
+            a[..., 0] = i * 8 % 256
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)

@@ -8,22 +8,9 @@ import pytest
 
 from minicpm.errors import UserError
 from minicpm.video import load_video, sample_plan
+from tests.conftest import encode_video as encode
 
 av = pytest.importorskip("av")
-
-
-def encode(path, frames: int, fps: int, width: int = 64, height: int = 48) -> str:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            a = np.zeros((height, width, 3), np.uint8)
-            a[..., 0] = i * 8 % 256
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return str(path)
 
 
 # (total frames, video fps, choose fps, max_frames, max_packing) -> (indices head, count, packing, first group)
@@ -91,26 +78,3 @@ def test_bad_videos_are_one_clear_line(tmp_path):
         load_video(encode(tmp_path / "b.mp4", 4, 10), max_packing=7)
     with pytest.raises(UserError, match="no frames"):
         sample_plan(0, 30)
-
-
-def test_onnx_export_of_v45_has_the_video_graph(tmp_path, private_cache):
-    """The V-4.5 export adds `video.onnx` (frame groups through the 3D resampler), measured against its torch
-    module during the export, and the manifest describes the group size; image-only models get no video step."""
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    from runtime.manifest import read_manifest  # noqa: PLC0415
-    from tests.conftest import ROOT  # noqa: PLC0415
-
-    out = tmp_path / "v45"
-    r = subprocess.run([sys.executable, "-m", "export.onnx", "--model", "tiny-minicpm-v-4.5", "--out", str(out),
-                        "--max-context", "128", "--prefill-chunk", "16"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    manifest = read_manifest(out)
-    assert manifest["parity"]["video"] < 1e-4
-    assert manifest["schedule"]["steps"]["video"] == {"artifact": "video", "frames": 6}
-    video = manifest["preprocessing"]["video"]
-    assert (video["frames_per_group"], video["default_packing"], video["max_frames"], video["max_slice_nums"],
-            video["use_image_id"]) == (6, 3, 180, 1, False)
