@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.prompt_pieces import prompt_pieces
 from minicpm.checkpoint import Checkpoint
 from minicpm.modeling import MiniCPMV
 from minicpm.prompt import SpecialTokens
@@ -195,6 +196,8 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
             "special_tokens": {t: vocab[t] for t in names if t in vocab},
             "stop_ids": ckpt.stop_ids,
         },
+        # the chat template as data (verified against PromptBuilder), for hosts without Jinja
+        "prompt": prompt_pieces(ckpt),
         "preprocessing": {
             "patch_size": cfg.slice.patch_size, "scale_resolution": cfg.slice.scale_resolution,
             "max_slice_nums": args.max_slice_nums or cfg.slice.max_slice_nums, "slice_mode": cfg.slice.slice_mode,

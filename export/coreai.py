@@ -69,6 +69,7 @@ from export.bundle import (
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
+from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                       "one slice per call",
         }
         write_manifest(out, manifest)
+        write_readme(out, manifest)  # the export is an Xcode bundle as it is (ios_bridge.bundle)
         progress.update()
     progress.close()
     print_summary(f"Core AI export of {ckpt.config.variant.name} -> {args.out} ({quant.method}, {args.precision}; "

@@ -76,6 +76,7 @@ from export.bundle import (
     write_embedding_table,
 )
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
+from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -710,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                       "takes one slice per call",
         }
         write_manifest(out, manifest)
+        write_readme(out, manifest)  # the export is an Xcode bundle as it is (ios_bridge.bundle)
         progress.update()
     progress.close()
     print_summary(f"Core ML export of {ckpt.config.variant.name} -> {args.out} ({quant.method}, {args.precision}, "

@@ -44,6 +44,40 @@ def tiny():
     return get
 
 
+V45_MAX_CONTEXT, V45_CHUNK = 1024, 64
+V45_EXPORTS = {  # format -> extra exporter arguments: float weights, so the eager reference runs the same ones
+    "onnx": [],
+    "executorch": [],
+    "coreai": ["--quant", "none", "--precision", "fp32"],
+    "coreml": [],  # structural only (Core ML runs on Apple platforms)
+}
+
+
+@pytest.fixture(scope="session")
+def v45_exports(tmp_path_factory, tiny_path):
+    """format -> an export directory of the tiny V-4.5 (video tests, bundles); the exports start on first use, in
+    their own processes, two at a time."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    tiny_path("tiny-minicpm-v-4.5")
+    root = tmp_path_factory.mktemp("v45-exports")
+
+    def run(fmt: str) -> Path:
+        out = root / fmt
+        cmd = [sys.executable, "-m", f"export.{fmt}", "--model", "tiny-minicpm-v-4.5", "--out", str(out),
+               "--max-context", str(V45_MAX_CONTEXT), "--prefill-chunk", str(V45_CHUNK), *V45_EXPORTS[fmt]]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
+        return out
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {fmt: pool.submit(run, fmt) for fmt in V45_EXPORTS}
+    yield lambda fmt: futures[fmt].result()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(height, width, 3) * 255).astype(np.uint8))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.prompt_pieces import prompt_pieces
 from minicpm.generation import SamplingConfig, generate
 from minicpm.prompt import Prompt
 from minicpm.split import LanguageModelStep, VisionStep
@@ -47,6 +48,7 @@ def test_graphs_match_torch_modules(exported, tiny, name):
     manifest = read_manifest(out)
     assert manifest["parity"]["vision"] < 1e-4 and manifest["parity"]["llm"] < 1e-4
     ckpt, model = tiny(name)
+    assert manifest["prompt"] == prompt_pieces(ckpt)  # the chat template as data, for the Swift ChatPrompt
     session = Session(out, "onnxruntime")
     # vision on real slices of every test image
     vision = VisionStep(model).eval()

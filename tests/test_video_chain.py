@@ -5,11 +5,6 @@ question in a second turn, and an image and a video in one conversation. Core ML
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,41 +15,19 @@ from minicpm.split import VideoGroupStep
 from minicpm.video import load_video
 from runtime.manifest import read_manifest
 from runtime.session import Session
-from tests.conftest import ROOT, encode_video, noise_image
+from tests.conftest import V45_EXPORTS as EXPORTS
+from tests.conftest import encode_video, noise_image
 
 pytest.importorskip("av")
 
 MODEL = "tiny-minicpm-v-4.5"
-MAX_CONTEXT = 1024
-CHUNK = 64
-EXPORTS = {  # format -> extra exporter arguments: float weights, so the eager reference runs the same ones
-    "onnx": [],
-    "executorch": [],
-    "coreai": ["--quant", "none", "--precision", "fp32"],
-    "coreml": [],  # structural only (Core ML runs on Apple platforms)
-}
 BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch", "coreai": "coreai"}
 SAMPLING = SamplingConfig(max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_path):
-    """format -> export directory of the tiny V-4.5; the exports run in their own processes, two at a time."""
-    tiny_path(MODEL)
-    root = tmp_path_factory.mktemp("video-chain")
-
-    def run(fmt: str) -> Path:
-        out = root / fmt
-        cmd = [sys.executable, "-m", f"export.{fmt}", "--model", MODEL, "--out", str(out), "--max-context",
-               str(MAX_CONTEXT), "--prefill-chunk", str(CHUNK), *EXPORTS[fmt]]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-        return out
-
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {fmt: pool.submit(run, fmt) for fmt in EXPORTS}
-    yield lambda fmt: futures[fmt].result()
-    pool.shutdown(wait=True, cancel_futures=True)
+def exported(v45_exports):
+    return v45_exports
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 // swift-tools-version: 6.0
 // MiniCPMKit: runs a minicpm-mobile export (manifest.json + graphs) on iPhone, iPad and Mac.
-// Pure Swift: it builds and tests on Linux too. The Core ML backend, the Session and the chat tool come next.
+// MiniCPMKit is pure Swift (it builds and is tested on Linux); MiniCPMCoreML and minicpm-chat compile their Core ML
+// code only where Core ML exists.
 import PackageDescription
 
 let package = Package(
@@ -8,9 +9,13 @@ let package = Package(
     platforms: [.iOS(.v18), .macOS(.v15)],
     products: [
         .library(name: "MiniCPMKit", targets: ["MiniCPMKit"]),
+        .library(name: "MiniCPMCoreML", targets: ["MiniCPMCoreML"]),
+        .executable(name: "minicpm-chat", targets: ["minicpm-chat"]),
     ],
     targets: [
         .target(name: "MiniCPMKit"),
+        .target(name: "MiniCPMCoreML", dependencies: ["MiniCPMKit"]),
+        .executableTarget(name: "minicpm-chat", dependencies: ["MiniCPMKit", "MiniCPMCoreML"]),
         .testTarget(name: "MiniCPMKitTests", dependencies: ["MiniCPMKit"]),
     ]
 )

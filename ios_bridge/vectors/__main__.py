@@ -14,7 +14,7 @@ from runtime.cli import run
 
 DEFAULT_MODELS = ["tiny-minicpm-v-4", "tiny-minicpm-v-4.5", "tiny-minicpm-o-4.5", "tiny-minicpm-o-2.6"]
 # Each family module has `write(out: Path, models: list[str], images: list[Path], prompts: list[str]) -> None`.
-FAMILIES = ["manifest", "images"]  # tokenizer, prompts and traces join as the Swift side grows
+FAMILIES = ["manifest", "images", "tokenizer", "prompts", "traces"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,3 +61,22 @@ def write(out: Path, models: list[str], images: list[Path], prompts: list[str]) 
             write_case(out / "positions", tag, {"h": h, "w": w, "dim": dim, "dir": tag,
                        "ids": array_ref(folder, f"{tag}_ids", navit_position_ids(h, w, 70).numpy()),
                        "table": array_ref(folder, f"{tag}_table", pos_embed_2d(dim, h, w))})
+    write_orientations(out / "orientation")
+
+
+def write_orientations(folder: Path) -> None:
+    """A 5x3 image under each EXIF orientation, and Pillow's `ImageOps.exif_transpose` of it (what a photo
+    looks like upright): Swift's `RGBImage.applyingOrientation` must give the same pixels."""
+    import io  # noqa: PLC0415
+
+    from PIL import ImageOps  # noqa: PLC0415
+
+    raw = (np.arange(5 * 3 * 3, dtype=np.uint8).reshape(3, 5, 3) * 5)
+    for exif_value in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = exif_value  # Orientation
+        buffer = io.BytesIO()
+        Image.fromarray(raw).save(buffer, "PNG", exif=exif)
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+        write_case(folder, f"exif{exif_value}", {"orientation": exif_value, "input": array_ref(folder, "input", raw),
+                                                 "upright": array_ref(folder, f"exif{exif_value}_upright", upright)})

@@ -1,0 +1,120 @@
+// The backend call contract of runtime/backends.py: a backend runs the graphs of the split (vision, video, llm);
+// everything else (the schedule) is host code in `Session`.
+import Foundation
+
+/// A dense row-major array with its shape: what crosses the host / graph boundary.
+public struct Tensor<Scalar: Sendable>: Sendable {
+    public var shape: [Int]
+    public var scalars: [Scalar]
+
+    /// `scalars.count` must equal the product of `shape` (a programming error otherwise).
+    public init(shape: [Int], scalars: [Scalar]) {
+        precondition(shape.reduce(1, *) == scalars.count,
+                     "Tensor: shape \(shape) needs \(shape.reduce(1, *)) scalars, got \(scalars.count)")
+        self.shape = shape
+        self.scalars = scalars
+    }
+
+    /// The number of scalars (the product of the shape).
+    public var count: Int { scalars.count }
+}
+
+extension Tensor: Equatable where Scalar: Equatable {}
+
+/// The vision (or video) graph's inputs for one batch, named as in the manifest:
+/// `pixel_values [B,3,p,P*p]`, `position_ids [B,P]`, `patch_mask [B,P]`, `pos_embed [B,P,H]`
+/// (video: a frame-slot axis after the first, `[G,F,...]`).
+public struct VisionInputs: Sendable {
+    public var pixelValues: Tensor<Float>
+    public var positionIDs: Tensor<Int64>
+    public var patchMask: Tensor<Float>
+    public var posEmbed: Tensor<Float>
+
+    public init(pixelValues: Tensor<Float>, positionIDs: Tensor<Int64>, patchMask: Tensor<Float>,
+                posEmbed: Tensor<Float>) {
+        self.pixelValues = pixelValues
+        self.positionIDs = positionIDs
+        self.patchMask = patchMask
+        self.posEmbed = posEmbed
+    }
+
+    /// The shaped inputs of an `ImageProcessor.visionBatch` (rows padded to `max_patches`).
+    public init(_ batch: VisionBatch, preprocessing: Preprocessing, hiddenSize: Int) {
+        let b = batch.batch, p = preprocessing.patchSize, n = preprocessing.maxPatches
+        self.init(pixelValues: Tensor(shape: [b, 3, p, n * p], scalars: batch.pixelValues),
+                  positionIDs: Tensor(shape: [b, n], scalars: batch.positionIDs),
+                  patchMask: Tensor(shape: [b, n], scalars: batch.patchMask),
+                  posEmbed: Tensor(shape: [b, n, hiddenSize], scalars: batch.posEmbed))
+    }
+
+    /// Images (or frame groups) in this batch: the first dimension.
+    public var batch: Int { positionIDs.shape.first ?? 0 }
+}
+
+/// One LLM call (prefill chunk or decode step), named as in the manifest: `inputs_embeds [1,T,H]`,
+/// `position_ids [1,T]`, `attention_mask [1,1,T,C+T]` (additive; the C cache slots, then the T new tokens),
+/// `last_index [1]` and the host KV cache `past_keys / past_values [L,kv,C,d]` (shape `[0]` when the backend
+/// owns its cache).
+public struct LLMInputs: Sendable {
+    public var inputsEmbeds: Tensor<Float>
+    public var positionIDs: Tensor<Int64>
+    public var attentionMask: Tensor<Float>
+    public var lastIndex: Tensor<Int64>
+    public var pastKeys: Tensor<Float>
+    public var pastValues: Tensor<Float>
+
+    public init(inputsEmbeds: Tensor<Float>, positionIDs: Tensor<Int64>, attentionMask: Tensor<Float>,
+                lastIndex: Tensor<Int64>, pastKeys: Tensor<Float>, pastValues: Tensor<Float>) {
+        self.inputsEmbeds = inputsEmbeds
+        self.positionIDs = positionIDs
+        self.attentionMask = attentionMask
+        self.lastIndex = lastIndex
+        self.pastKeys = pastKeys
+        self.pastValues = pastValues
+    }
+}
+
+/// What an LLM call returns: `logits [1,V]` of the last real token and, unless the backend owns the cache,
+/// the K/V of every new row `new_keys / new_values [L,kv,T,d]` (the host writes the first `last_index + 1`).
+public struct LLMOutputs: Sendable {
+    public var logits: Tensor<Float>
+    public var newKeys: Tensor<Float>?
+    public var newValues: Tensor<Float>?
+
+    public init(logits: Tensor<Float>, newKeys: Tensor<Float>? = nil, newValues: Tensor<Float>? = nil) {
+        self.logits = logits
+        self.newKeys = newKeys
+        self.newValues = newValues
+    }
+}
+
+/// Runs the exported graphs (runtime/backends.py). Float inputs arrive as `Float`; a backend of a float16
+/// export converts them (the session has already rounded them to float16 values).
+///
+/// A backend whose graph keeps the KV cache as state (Core ML, ExecuTorch, Core AI) sets `ownsCache`: it gets
+/// empty `pastKeys / pastValues`, writes the new K/V itself, returns no `newKeys / newValues`, and zeroes its
+/// cache in `reset()`.
+public protocol Backend {
+    /// The backend's name, as the stats report it ("onnxruntime", "coreml", ...).
+    var name: String { get }
+    /// True when the graph keeps the KV cache as its own state.
+    var ownsCache: Bool { get }
+    /// Image slices -> features `[B, query_num, H]`.
+    mutating func vision(_ inputs: VisionInputs) throws -> Tensor<Float>
+    /// Video frame groups (MiniCPM-V 4.5 exports) -> one feature block per group `[G, query_num, H]`.
+    mutating func video(_ inputs: VisionInputs) throws -> Tensor<Float>
+    /// One prefill chunk or decode step.
+    mutating func llm(_ inputs: LLMInputs) throws -> LLMOutputs
+    /// A new conversation: a backend that owns its cache zeroes it.
+    mutating func reset() throws
+}
+
+extension Backend {
+    public var ownsCache: Bool { false }
+
+    public mutating func video(_ inputs: VisionInputs) throws -> Tensor<Float> {
+        throw MiniCPMError.invalidInput("backend \(name) has no video step (video needs a MiniCPM-V 4.5 export)")
+    }
+
+    public mutating func reset() throws {}
+}
