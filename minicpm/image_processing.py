@@ -198,14 +198,26 @@ def reshape_by_patch(chw: np.ndarray, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 1, 3, 2).reshape(t.size(0), patch_size, -1)
 
 
+def _arange_float32(start: float, end: float, step: float) -> np.ndarray:
+    """`torch.arange(start, end, step)` in float32 as torch's scalar CPU kernel computes it: start + i * step in
+    double, rounded to float32. Its vectorised kernel rounds each lane group's base to float32 first, so torch
+    gives other values at a few bucket ties on AVX2 than on AVX-512 machines; this form is the one a device
+    (MiniCPMKit's PositionTables) reproduces exactly."""
+    count = math.ceil((end - start) / step)
+    return (start + step * np.arange(count, dtype=np.float64)).astype(np.float32)
+
+
 def navit_position_ids(tgt_h: int, tgt_w: int, num_patches_per_side: int) -> torch.Tensor:
-    """Bucketised NaViT position ids of one slice (computed on the host, as upstream does in float32)."""
-    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
-    frac_h = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(tgt_h))
-    frac_w = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(tgt_w))
-    bucket_h = torch.bucketize(frac_h, boundaries, right=True)
-    bucket_w = torch.bucketize(frac_w, boundaries, right=True)
-    return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten()
+    """Bucketised NaViT position ids of one slice, as upstream computes them on the host: float32 fractions
+    `arange(0, 1 - 1e-6, 1 / tgt)` bucketised (right=True) against `arange(1 / side, 1, 1 / side)`."""
+    side = num_patches_per_side
+    boundaries = _arange_float32(1 / side, 1.0, 1 / side)
+
+    def buckets(n: int) -> np.ndarray:
+        step = float(np.float32(1) / np.float32(n))  # 1 / torch.tensor(n): a float32 step
+        return np.searchsorted(boundaries, _arange_float32(0.0, 1 - 1e-6, step), side="right")
+
+    return torch.from_numpy((buckets(tgt_h)[:, None] * side + buckets(tgt_w)).flatten().astype(np.int64))
 
 
 @dataclass

@@ -13,12 +13,13 @@ from torch import nn
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    """[..] positions -> [.., dim]: sin half then cos half, w_i = 1 / 10000^(i / (dim/2))."""
-    omega = np.arange(dim // 2, dtype=np.float32)
-    omega /= dim / 2.0
-    omega = 1.0 / 10000**omega
-    out = np.einsum("...,d->...d", pos.astype(np.float32), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=-1)
+    """[..] positions -> [.., dim] float32: sin half then cos half, w_i = 1 / 10000^(i / (dim/2)). Upstream's
+    float32 formula evaluated in float64 and rounded once: numpy's float32 pow / sin / cos differ by an ulp
+    between CPUs (SIMD dispatch), which at positions near 2000 moves a value by 2e-4; rounded double results are
+    what any platform (MiniCPMKit's PositionTables) reproduces."""
+    omega = (1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))).astype(np.float32)
+    out = np.einsum("...,d->...d", np.asarray(pos, dtype=np.float32).astype(np.float64), omega.astype(np.float64))
+    return np.concatenate([np.sin(out), np.cos(out)], axis=-1).astype(np.float32)
 
 
 def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:

@@ -1,5 +1,6 @@
-// NaViT bucketised position ids and the resampler's 2D sin-cos table, in float32 as the Python side computes
-// them (navit_position_ids in torch, pos_embed_2d / sincos_1d in numpy).
+// NaViT bucketised position ids and the resampler's 2D sin-cos table, exactly as the Python side defines them
+// (minicpm.image_processing.navit_position_ids: torch's scalar arange arithmetic; minicpm.resampler.sincos_1d:
+// the float32 formula evaluated in double and rounded once).
 import Foundation
 
 public enum PositionTables {
@@ -27,29 +28,26 @@ public enum PositionTables {
         return out
     }
 
-    /// sincos_1d's frequencies for width `dim`: 1 / 10000^(i / (dim/2)), float32.
+    /// sincos_1d's frequencies for width `dim`: 1 / 10000^(i / (dim/2)) in double, rounded to float32.
     static func omega(_ dim: Int) -> [Float] {
-        (0..<(dim / 2)).map { i in
-            let e = Float(i) / Float(Double(dim) / 2.0)
-            return Float(1.0) / Float(pow(Float(10000.0), e))  // numpy float32 power
-        }
+        (0..<(dim / 2)).map { i in Float(1.0 / pow(10000.0, Double(i) / (Double(dim) / 2.0))) }
     }
 
     /// [h * w, dim] table of a slice: first dim/2 channels encode the column, the rest the row.
     public static func sinCos2D(dim: Int, h: Int, w: Int) -> [Float] {
         let half = dim / 2, quarter = half / 2
-        let om = omega(half)
+        let om = omega(half).map(Double.init)
         var out = [Float](repeating: 0, count: h * w * dim)
         out.withUnsafeMutableBufferPointer { o in
             for r in 0..<h {
                 for c in 0..<w {
                     let base = (r * w + c) * dim
                     for i in 0..<quarter {
-                        let aw = Float(c) * om[i], ah = Float(r) * om[i]
-                        o[base + i] = sin(aw)
-                        o[base + quarter + i] = cos(aw)
-                        o[base + half + i] = sin(ah)
-                        o[base + half + quarter + i] = cos(ah)
+                        let aw = Double(c) * om[i], ah = Double(r) * om[i]
+                        o[base + i] = Float(sin(aw))
+                        o[base + quarter + i] = Float(cos(aw))
+                        o[base + half + i] = Float(sin(ah))
+                        o[base + half + quarter + i] = Float(cos(ah))
                     }
                 }
             }

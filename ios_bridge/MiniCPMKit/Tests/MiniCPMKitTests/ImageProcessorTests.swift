@@ -60,13 +60,7 @@ import Foundation
         }
     }
 
-    // KNOWN ISSUE (unfinished): ids differ at bucket edges for some sizes (100x3) and the tables by up to 2.4e-4
-    // for long sides; marked with withKnownIssue until the float32 arithmetic of torch/numpy is matched.
     @Test func imagePositionIDsAndTables() throws {
-        try withKnownIssue { try checkPositions() }
-    }
-
-    func checkPositions() throws {
         for url in try Vectors.cases("images/positions") {
             let c = try Vectors.load(url)
             let name = url.lastPathComponent
