@@ -1,7 +1,7 @@
 // swift-tools-version: 6.0
 // MiniCPMKit: runs a minicpm-mobile export (manifest.json + graphs) on iPhone, iPad and Mac.
-// MiniCPMKit is pure Swift (it builds and is tested on Linux); MiniCPMCoreML and minicpm-chat compile their Core ML
-// code only where Core ML exists.
+// MiniCPMKit is pure Swift (it builds and is tested on Linux); MiniCPMCoreML, MiniCPMCoreAI and minicpm-chat compile
+// their Core ML / Core AI code only where those frameworks exist.
 import PackageDescription
 
 let package = Package(
@@ -10,12 +10,14 @@ let package = Package(
     products: [
         .library(name: "MiniCPMKit", targets: ["MiniCPMKit"]),
         .library(name: "MiniCPMCoreML", targets: ["MiniCPMCoreML"]),
+        .library(name: "MiniCPMCoreAI", targets: ["MiniCPMCoreAI"]),
         .executable(name: "minicpm-chat", targets: ["minicpm-chat"]),
     ],
     targets: [
         .target(name: "MiniCPMKit"),
         .target(name: "MiniCPMCoreML", dependencies: ["MiniCPMKit"]),
-        .executableTarget(name: "minicpm-chat", dependencies: ["MiniCPMKit", "MiniCPMCoreML"]),
+        .target(name: "MiniCPMCoreAI", dependencies: ["MiniCPMKit"]),
+        .executableTarget(name: "minicpm-chat", dependencies: ["MiniCPMKit", "MiniCPMCoreML", "MiniCPMCoreAI"]),
         .testTarget(name: "MiniCPMKitTests", dependencies: ["MiniCPMKit"]),
     ]
 )

@@ -8,7 +8,7 @@ import MiniCPMKit
 
 /// Runs a Core ML export (iOS 18 / macOS 15). Packages are compiled on first use and cached by their sha256 in
 /// the caches directory, so later launches load in milliseconds.
-public final class CoreMLBackend: Backend, @unchecked Sendable {  // used from the Session actor only
+public final class CoreMLBackend: Backend, @unchecked Sendable {  // called by one Session actor, one call at a time
     public let name = "coreml"
     public let ownsCache = true
     private let vision: MLModel
@@ -47,14 +47,14 @@ public final class CoreMLBackend: Backend, @unchecked Sendable {  // used from t
 
     public func reset() throws { state = functions[1]!.makeState() }  // zeroed state: a new conversation
 
-    public func vision(_ inputs: VisionInputs) throws -> Tensor<Float> { try perItem(vision, inputs) }
+    public func vision(_ inputs: VisionInputs) async throws -> Tensor<Float> { try await perItem(vision, inputs) }
 
-    public func video(_ inputs: VisionInputs) throws -> Tensor<Float> {
+    public func video(_ inputs: VisionInputs) async throws -> Tensor<Float> {
         guard let video else { throw MiniCPMError.invalidInput("this export has no video function") }
-        return try perItem(video, inputs)
+        return try await perItem(video, inputs)
     }
 
-    public func llm(_ inputs: LLMInputs) throws -> LLMOutputs {
+    public func llm(_ inputs: LLMInputs) async throws -> LLMOutputs {
         let tokens = inputs.inputsEmbeds.shape[1]
         guard let model = functions[tokens] else {
             throw MiniCPMError.backend("the Core ML LLM takes \(functions.keys.sorted()) tokens per call, got \(tokens)")
@@ -62,18 +62,18 @@ public final class CoreMLBackend: Backend, @unchecked Sendable {  // used from t
         let features = try MLDictionaryFeatureProvider(dictionary: [
             "inputs_embeds": array(inputs.inputsEmbeds, floatType), "position_ids": array(inputs.positionIDs),
             "attention_mask": array(inputs.attentionMask, floatType), "last_index": array(inputs.lastIndex)])
-        let out = try model.prediction(from: features, using: state)
+        let out = try await model.prediction(from: features, using: state)
         return LLMOutputs(logits: try tensor(out, "logits"))
     }
 
     /// Vision-side packages take one row of the batch (a slice, or a frame group) per call.
-    private func perItem(_ model: MLModel, _ inputs: VisionInputs) throws -> Tensor<Float> {
+    private func perItem(_ model: MLModel, _ inputs: VisionInputs) async throws -> Tensor<Float> {
         var scalars: [Float] = [], shape: [Int] = []
         for i in 0..<inputs.batch {
             let features = try MLDictionaryFeatureProvider(dictionary: [
                 "pixel_values": array(row(inputs.pixelValues, i), floatType), "position_ids": array(row(inputs.positionIDs, i)),
                 "patch_mask": array(row(inputs.patchMask, i), floatType), "pos_embed": array(row(inputs.posEmbed, i), floatType)])
-            let out = try tensor(try model.prediction(from: features), "features")
+            let out = try tensor(try await model.prediction(from: features), "features")
             scalars += out.scalars
             shape = [inputs.batch] + out.shape.dropFirst()
         }

@@ -89,32 +89,34 @@ public struct LLMOutputs: Sendable {
 }
 
 /// Runs the exported graphs (runtime/backends.py). Float inputs arrive as `Float`; a backend of a float16
-/// export converts them (the session has already rounded them to float16 values).
+/// export converts them (the session has already rounded them to float16 values). The graph calls are async, as
+/// Core ML's and Core AI's predictions are; a backend is a reference type the session calls from its actor, one
+/// call at a time.
 ///
 /// A backend whose graph keeps the KV cache as state (Core ML, ExecuTorch, Core AI) sets `ownsCache`: it gets
-/// empty `pastKeys / pastValues`, writes the new K/V itself, returns no `newKeys / newValues`, and zeroes its
-/// cache in `reset()`.
-public protocol Backend {
+/// empty `pastKeys / pastValues`, writes the new K/V itself, returns no `newKeys / newValues`, and starts a new
+/// state in `reset()`.
+public protocol Backend: AnyObject, Sendable {
     /// The backend's name, as the stats report it ("onnxruntime", "coreml", ...).
     var name: String { get }
     /// True when the graph keeps the KV cache as its own state.
     var ownsCache: Bool { get }
     /// Image slices -> features `[B, query_num, H]`.
-    mutating func vision(_ inputs: VisionInputs) throws -> Tensor<Float>
+    func vision(_ inputs: VisionInputs) async throws -> Tensor<Float>
     /// Video frame groups (MiniCPM-V 4.5 exports) -> one feature block per group `[G, query_num, H]`.
-    mutating func video(_ inputs: VisionInputs) throws -> Tensor<Float>
+    func video(_ inputs: VisionInputs) async throws -> Tensor<Float>
     /// One prefill chunk or decode step.
-    mutating func llm(_ inputs: LLMInputs) throws -> LLMOutputs
-    /// A new conversation: a backend that owns its cache zeroes it.
-    mutating func reset() throws
+    func llm(_ inputs: LLMInputs) async throws -> LLMOutputs
+    /// A new conversation: a backend that owns its cache starts a fresh (zeroed) state.
+    func reset() throws
 }
 
 extension Backend {
     public var ownsCache: Bool { false }
 
-    public mutating func video(_ inputs: VisionInputs) throws -> Tensor<Float> {
+    public func video(_ inputs: VisionInputs) async throws -> Tensor<Float> {
         throw MiniCPMError.invalidInput("backend \(name) has no video step (video needs a MiniCPM-V 4.5 export)")
     }
 
-    public mutating func reset() throws {}
+    public func reset() throws {}
 }

@@ -120,10 +120,11 @@ public struct Manifest: Decodable, Sendable {
         public let generatedEmbeddingScale: Double
         public let steps: [String: Step]
         public let defaultSampling: [String: JSONValue]
-        /// `schedule.coreml` of Core ML exports (compute units per package, the state layout).
+        /// `schedule.coreml` / `schedule.coreai` of Core ML / Core AI exports (compute units, the state layout).
         public let coreml: JSONValue?
+        public let coreai: JSONValue?
         enum CodingKeys: String, CodingKey {
-            case steps, coreml
+            case steps, coreml, coreai
             case prefillChunk = "prefill_chunk", maxContext = "max_context", onContextFull = "on_context_full"
             case kvCache = "kv_cache", promptEmbeddingScale = "prompt_embedding_scale"
             case generatedEmbeddingScale = "generated_embedding_scale", defaultSampling = "default_sampling"

@@ -21,7 +21,7 @@ public actor Session {
     public let prefillChunk: Int
     public let maxContext: Int
     public let onContextFull: ContextFullPolicy
-    private var backend: any Backend
+    private let backend: any Backend
     private let table: EmbeddingTable
     private let halfPrecision: Bool  // a float16 export: graph inputs rounded to float16 values
     private let kvShape: [Int]
@@ -63,7 +63,6 @@ public actor Session {
                                              + "\(maxContext), head_dim]")
         }
         // reset(), which the nonisolated initializer cannot call
-        var backend = backend
         try backend.reset()
         let count = backend.ownsCache ? 0 : kvShape.reduce(1, *)
         self.keys = [Float](repeating: 0, count: count)
@@ -113,7 +112,7 @@ public actor Session {
     /// Adds `turn` (the new tokens, without the pending one) to the conversation and generates the answer,
     /// calling `onText` with each text piece.
     public func respond<D: TextDecoding & Sendable>(to turn: TurnInput, sampling: SamplingConfig, decoder: D,
-                                         onText: (@Sendable (String) -> Void)? = nil) throws -> TurnResult {
+                                         onText: (@Sendable (String) -> Void)? = nil) async throws -> TurnResult {
         let carried = pending
         let ids = carried + turn.inputIDs
         guard !ids.isEmpty else { throw MiniCPMError.invalidInput("a turn needs at least one token") }
@@ -124,7 +123,7 @@ public actor Session {
                 + "the export holds \(maxContext) (/reset, or re-export with a larger --max-context)")
         }
         let clock = ContinuousClock(), t0 = clock.now
-        let features = try vision(turn)
+        let features = try await vision(turn)
         let tVision = clock.now
         guard features.count == bounds.count else {
             throw MiniCPMError.invalidInput("the turn has \(bounds.count) placeholder spans but its vision inputs give "
@@ -140,7 +139,7 @@ public actor Session {
             }
             embeds.replaceSubrange(span.lowerBound * h..<span.upperBound * h, with: block)
         }
-        var logits = try prefill(embeds, tokens: ids.count)
+        var logits = try await prefill(embeds, tokens: ids.count)
         historyBounds += bounds.map { ($0.lowerBound + historyIDs.count)..<($0.upperBound + historyIDs.count) }
         historyIDs += ids
         historyImages += turn.images
@@ -181,7 +180,7 @@ public actor Session {
                 throw MiniCPMError.contextFull("context full after \(generated.count) new tokens (\(maxContext) "
                                                + "slots): /reset, or re-export with a larger --max-context")
             }
-            logits = try runLLM(try table.embed([token], scale: schedule.generatedEmbeddingScale), count: 1, width: 1)
+            logits = try await runLLM(try table.embed([token], scale: schedule.generatedEmbeddingScale), count: 1, width: 1)
             historyIDs.append(token)
         }
         let tEnd = clock.now
@@ -195,9 +194,9 @@ public actor Session {
     // ----- steps ---------------------------------------------------------------------------------------------
 
     /// One feature block `[query_num * H]` per placeholder span, in prompt order.
-    private func vision(_ turn: TurnInput) throws -> [ArraySlice<Float>] {
+    private func vision(_ turn: TurnInput) async throws -> [ArraySlice<Float>] {
         let limit = manifest.preprocessing.maxPatches
-        func run(_ batches: [VisionInputs], video: Bool) throws -> [ArraySlice<Float>] {
+        func run(_ batches: [VisionInputs], video: Bool) async throws -> [ArraySlice<Float>] {
             var out: [ArraySlice<Float>] = []
             for batch in batches {
                 let patches = batch.positionIDs.shape.last ?? 0
@@ -205,7 +204,7 @@ public actor Session {
                     throw MiniCPMError.invalidInput("a vision batch has \(patches) patch slots but this export's "
                                                     + "vision graph takes \(limit)")
                 }
-                let f = video ? try backend.video(batch) : try backend.vision(batch)
+                let f = video ? try await backend.video(batch) : try await backend.vision(batch)
                 let n = batch.batch
                 guard f.shape.count == 3, f.shape[0] == n, f.count > 0 else {
                     throw MiniCPMError.backend("backend \(backend.name): vision features of shape \(f.shape) for a "
@@ -216,8 +215,8 @@ public actor Session {
             }
             return out
         }
-        var images = try run(turn.imageBatches, video: false).makeIterator()
-        var videos = try run(turn.videoBatches, video: true).makeIterator()
+        var images = try await run(turn.imageBatches, video: false).makeIterator()
+        var videos = try await run(turn.videoBatches, video: true).makeIterator()
         return try turn.spanKinds.map { kind in
             guard let block = kind == .image ? images.next() : videos.next() else {
                 throw MiniCPMError.invalidInput("the turn has more \(kind) spans than its vision inputs fill")
@@ -227,20 +226,20 @@ public actor Session {
     }
 
     /// Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token.
-    private func prefill(_ embeds: [Float], tokens: Int) throws -> [Float] {
+    private func prefill(_ embeds: [Float], tokens: Int) async throws -> [Float] {
         let h = table.hiddenSize
         var logits: [Float] = []
         for start in stride(from: 0, to: tokens, by: prefillChunk) {
             let n = min(prefillChunk, tokens - start)
-            logits = try runLLM(Array(embeds[start * h..<(start + n) * h]), count: n, width: prefillChunk)
+            logits = try await runLLM(Array(embeds[start * h..<(start + n) * h]), count: n, width: prefillChunk)
         }
         return logits
     }
 
     /// One graph call on `count` new tokens padded to `width`; writes their K/V into the host cache.
-    private func runLLM(_ embeds: [Float], count n: Int, width: Int) throws -> [Float] {
+    private func runLLM(_ embeds: [Float], count n: Int, width: Int) async throws -> [Float] {
         let past = cacheLength, ctx = maxContext, h = table.hiddenSize
-        let outputs = try { () throws -> LLMOutputs in  // scoped: the inputs' cache reference dies before the write
+        let outputs = try await { () async throws -> LLMOutputs in  // scoped: the inputs' cache reference dies before the write
             var x = [Float](repeating: 0, count: width * h)
             x.replaceSubrange(0..<n * h, with: halfPrecision ? embeds.map(HalfFloat.round) : embeds)
             let positions = (0..<width).map { Int64(min(past + $0, ctx - 1)) }
@@ -251,7 +250,7 @@ public actor Session {
                 lastIndex: Tensor(shape: [1], scalars: [Int64(n - 1)]),
                 pastKeys: Tensor(shape: backend.ownsCache ? [0] : kvShape, scalars: keys),
                 pastValues: Tensor(shape: backend.ownsCache ? [0] : kvShape, scalars: values))
-            return try backend.llm(inputs)
+            return try await backend.llm(inputs)
         }()
         if !backend.ownsCache {  // stateful backends wrote their own cache
             guard let newKeys = outputs.newKeys, let newValues = outputs.newValues else {

@@ -1,4 +1,4 @@
-// minicpm-chat: `runtime.chat` over a Core ML export on macOS.
+// minicpm-chat: `runtime.chat` over a Core ML (macOS 15+) or Core AI (macOS 27+) export.
 //     minicpm-chat EXPORT_DIR [--max-new-tokens N]
 // Type a message and press enter; `/image PATH` attaches an image to the next message, `/reset` starts over,
 // `/quit` leaves. Answers stream as they are generated; the stats line follows each answer.
@@ -7,6 +7,21 @@ import Foundation
 import ImageIO
 import MiniCPMCoreML
 import MiniCPMKit
+#if canImport(CoreAI)
+import MiniCPMCoreAI
+#endif
+
+/// The backend of the export's own format, as runtime.backends.default_backend picks it.
+func backend(for manifest: Manifest) async throws -> any Backend {
+    switch manifest.format {
+    case "coreml": return try await CoreMLBackend(manifest: manifest)
+    #if canImport(CoreAI)
+    case "coreai": return try await CoreAIBackend(manifest: manifest)
+    #endif
+    default:
+        throw MiniCPMError.invalidExport("minicpm-chat runs Core ML or Core AI exports; this is a \(manifest.format) export")
+    }
+}
 
 func loadImage(_ path: String) throws -> RGBImage {
     guard let source = CGImageSourceCreateWithURL(URL(fileURLWithPath: path) as CFURL, nil),
@@ -30,9 +45,9 @@ func chat() async throws {
     }
     let url = URL(fileURLWithPath: directory)
     let manifest = try Manifest.load(directory: url)
-    let conversation = try Conversation(directory: url, backend: try await CoreMLBackend(manifest: manifest))
+    let conversation = try Conversation(directory: url, backend: try await backend(for: manifest))
     let sampling = try await conversation.defaultSampling(maxNewTokens: maxNewTokens)
-    print("\(manifest.model.variant) on coreml; /image PATH, /reset, /quit")
+    print("\(manifest.model.variant) on \(manifest.format); /image PATH, /reset, /quit")
     var images: [RGBImage] = []
     while true {
         print("> ", terminator: "")

@@ -183,7 +183,7 @@ final class ReplayBackend: Backend, @unchecked Sendable {  // used only from ins
         mirrorValues = mirrorKeys
     }
 
-    func vision(_ inputs: VisionInputs) throws -> Tensor<Float> {
+    func vision(_ inputs: VisionInputs) async throws -> Tensor<Float> {
         let (i, call) = try next("vision")
         guard case .vision(let want, let features) = call else { fatalError() }
         let at = "call \(i) (vision)"
@@ -194,7 +194,7 @@ final class ReplayBackend: Backend, @unchecked Sendable {  // used only from ins
         return features
     }
 
-    func llm(_ inputs: LLMInputs) throws -> LLMOutputs {
+    func llm(_ inputs: LLMInputs) async throws -> LLMOutputs {
         let (i, call) = try next("llm")
         guard case .llm(let want) = call else { fatalError() }
         let at = "call \(i) (llm)"
