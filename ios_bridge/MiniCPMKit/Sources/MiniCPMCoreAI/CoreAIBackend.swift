@@ -84,21 +84,14 @@ public final class CoreAIBackend: Backend, @unchecked Sendable {  // called by o
 
     /// Vision-side functions take one row of the batch (a slice, or a frame group) per call.
     private func perItem(_ function: InferenceFunction, _ inputs: VisionInputs) async throws -> Tensor<Float> {
-        var scalars: [Float] = [], shape: [Int] = []
-        for i in 0..<inputs.batch {
-            let arrays = ["pixel_values": float(row(inputs.pixelValues, i)), "position_ids": int32(row(inputs.positionIDs, i)),
-                          "patch_mask": float(row(inputs.patchMask, i)), "pos_embed": float(row(inputs.posEmbed, i))]
+        var parts: [Tensor<Float>] = []
+        for item in inputs.items {
+            let arrays = ["pixel_values": float(item.pixelValues), "position_ids": int32(item.positionIDs),
+                          "patch_mask": float(item.patchMask), "pos_embed": float(item.posEmbed)]
             var outputs = try await function.run(inputs: arrays)
-            let out = try tensor(&outputs, "features")
-            scalars += out.scalars
-            shape = [inputs.batch] + out.shape.dropFirst()
+            parts.append(try tensor(&outputs, "features"))
         }
-        return Tensor(shape: shape, scalars: scalars)
-    }
-
-    private func row<T>(_ t: Tensor<T>, _ i: Int) -> Tensor<T> {
-        let size = t.count / t.shape[0]
-        return Tensor(shape: [1] + t.shape.dropFirst(), scalars: Array(t.scalars[i * size..<(i + 1) * size]))
+        return .stacking(parts)
     }
 
     private func float(_ t: Tensor<Float>) -> NDArray {

@@ -68,21 +68,14 @@ public final class CoreMLBackend: Backend, @unchecked Sendable {  // called by o
 
     /// Vision-side packages take one row of the batch (a slice, or a frame group) per call.
     private func perItem(_ model: MLModel, _ inputs: VisionInputs) async throws -> Tensor<Float> {
-        var scalars: [Float] = [], shape: [Int] = []
-        for i in 0..<inputs.batch {
+        var parts: [Tensor<Float>] = []
+        for item in inputs.items {
             let features = try MLDictionaryFeatureProvider(dictionary: [
-                "pixel_values": array(row(inputs.pixelValues, i), floatType), "position_ids": array(row(inputs.positionIDs, i)),
-                "patch_mask": array(row(inputs.patchMask, i), floatType), "pos_embed": array(row(inputs.posEmbed, i), floatType)])
-            let out = try tensor(try await model.prediction(from: features), "features")
-            scalars += out.scalars
-            shape = [inputs.batch] + out.shape.dropFirst()
+                "pixel_values": array(item.pixelValues, floatType), "position_ids": array(item.positionIDs),
+                "patch_mask": array(item.patchMask, floatType), "pos_embed": array(item.posEmbed, floatType)])
+            parts.append(try tensor(try await model.prediction(from: features), "features"))
         }
-        return Tensor(shape: shape, scalars: scalars)
-    }
-
-    private func row<T>(_ t: Tensor<T>, _ i: Int) -> Tensor<T> {
-        let size = t.count / t.shape[0]
-        return Tensor(shape: [1] + t.shape.dropFirst(), scalars: Array(t.scalars[i * size..<(i + 1) * size]))
+        return .stacking(parts)
     }
 
     private func array(_ t: Tensor<Float>, _ type: MLMultiArrayDataType) throws -> MLMultiArray {

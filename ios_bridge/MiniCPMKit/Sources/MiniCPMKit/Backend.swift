@@ -120,3 +120,28 @@ extension Backend {
 
     public func reset() throws {}
 }
+
+extension Tensor {
+    /// Row `i` of the first axis, as a batch of one.
+    public func row(_ i: Int) -> Tensor {
+        let size = count / shape[0]
+        return Tensor(shape: [1] + shape.dropFirst(), scalars: Array(scalars[i * size..<(i + 1) * size]))
+    }
+
+    /// Batch-of-one results stacked along the first axis (all of one shape).
+    public static func stacking(_ parts: [Tensor]) -> Tensor {
+        guard let first = parts.first else { return Tensor(shape: [0], scalars: []) }
+        return Tensor(shape: [parts.count] + first.shape.dropFirst(), scalars: parts.flatMap(\.scalars))
+    }
+}
+
+extension VisionInputs {
+    /// Each row of the batch as a batch of one: graphs with a static batch of 1 (the Core ML and Core AI vision
+    /// functions) take slices and frame groups one call at a time.
+    public var items: [VisionInputs] {
+        (0..<batch).map { i in
+            VisionInputs(pixelValues: pixelValues.row(i), positionIDs: positionIDs.row(i), patchMask: patchMask.row(i),
+                         posEmbed: posEmbed.row(i))
+        }
+    }
+}
