@@ -24,8 +24,10 @@ from minicpm.modeling import MiniCPMV
 from minicpm.prompt import PromptBuilder, SpecialTokens, load_tokenizer
 
 SHORT_NAMES = {v.hub_id.split("/")[1]: v.hub_id for v in VARIANTS}
-# Modules of the o-models that this package does not build (audio encoder and speech head come later).
-SKIPPED_PREFIXES = ("apm.", "audio_projection_layer.", "audio_avg_pooler.", "tts.")
+# Modules of the o-models that this package does not build (the speech head comes later).
+SKIPPED_PREFIXES = ("tts.",)
+# The audio encoder and projection: loaded strictly when the config initialises audio, skipped otherwise.
+AUDIO_PREFIXES = ("apm.", "audio_projection_layer.", "audio_avg_pooler.")
 # Buffers some saved checkpoints carry that are recomputed here (position ranges, rotary frequencies).
 DERIVED_BUFFERS = re.compile(r"(^vpm\.embeddings\.position_ids$|\.rotary_emb\.inv_freq$|^resampler\.pos_embed$)")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
@@ -113,7 +115,7 @@ class LoadReport:
 def _skip_reason(key: str, config: MiniCPMConfig) -> str | None:
     if DERIVED_BUFFERS.search(key):
         return "derived buffers"
-    for prefix in SKIPPED_PREFIXES:
+    for prefix in SKIPPED_PREFIXES + (() if config.has_audio else AUDIO_PREFIXES):
         if key.startswith(prefix):
             return prefix
     if config.drop_vision_last_layer:

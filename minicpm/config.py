@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, WhisperConfig
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 
 from minicpm.errors import UserError
@@ -75,6 +75,14 @@ class MiniCPMConfig:
     use_image_id: bool
     drop_vision_last_layer: bool
     scale_emb: float | None  # multiplies the text token embeddings when present (upstream V-4.0 rule)
+    audio: WhisperConfig | None = None  # o-models that initialise audio (`init_audio`): the `apm` encoder
+    audio_pool_step: int = 5  # AvgPool1d kernel = stride over encoder frames (o-4.5: 5, o-2.6: 2)
+    audio_chunk_length: float = 1.0  # seconds per block of the encoder's block-causal mask
+
+    @property
+    def audio_chunk_frames(self) -> int:
+        """Encoder frames per chunk of the block-causal mask (upstream `int(chunk_length * 50)`)."""
+        return int(self.audio_chunk_length * 50)
 
     @property
     def hidden_size(self) -> int:
@@ -88,7 +96,7 @@ class MiniCPMConfig:
 
     @property
     def has_audio(self) -> bool:
-        return self.variant.model_type == "minicpmo" and bool(self.raw.get("init_audio", True))
+        return self.audio is not None
 
     @classmethod
     def from_dict(cls, raw: dict) -> MiniCPMConfig:
@@ -123,6 +131,12 @@ class MiniCPMConfig:
             scale_resolution=int(sc.get("scale_resolution", raw.get("scale_resolution", 448))),
             slice_mode=bool(raw.get("slice_mode", True)),
         )
+        audio = None
+        if variant.model_type == "minicpmo" and bool(raw.get("init_audio", True)):
+            audio_raw = {k: v for k, v in (raw.get("audio_config") or {}).items()
+                         if k not in ("model_type", "architectures", "_name_or_path", "transformers_version")}
+            audio = WhisperConfig(**audio_raw)  # upstream: WhisperConfig() when audio_config is absent
+            audio._attn_implementation = "sdpa"
         return cls(
             raw=raw,
             variant=variant,
@@ -133,6 +147,9 @@ class MiniCPMConfig:
             use_image_id=bool(raw.get("use_image_id", True)),
             drop_vision_last_layer=bool(raw.get("drop_vision_last_layer", True)),
             scale_emb=raw.get("scale_emb"),
+            audio=audio,
+            audio_pool_step=int(raw.get("audio_pool_step", 5)),
+            audio_chunk_length=float(raw.get("audio_chunk_length", 1.0)),
         )
 
     @classmethod
@@ -166,3 +183,23 @@ def _check_sizes(config: MiniCPMConfig) -> None:
     if not 1 <= config.query_num <= 4096 or config.slice.patch_size < 1 or config.slice.scale_resolution < 1 \
             or config.slice.max_slice_nums < 1:
         raise UserError("config.json: query_num, patch_size, scale_resolution and max_slice_nums must be positive")
+    if config.audio is not None:
+        _check_audio(config)
+
+
+def _check_audio(config: MiniCPMConfig) -> None:
+    a = config.audio
+    for name in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins",
+                 "max_source_positions"):
+        value = getattr(a, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
+            raise UserError(f"config.json: audio_config.{name} must be an integer in 1..65536, got {value!r}")
+    # Upstream sizes the projection's input as encoder_ffn_dim // 4 but feeds it d_model-wide states.
+    if a.encoder_ffn_dim // 4 != a.d_model:
+        raise UserError(f"config.json: audio_config.encoder_ffn_dim // 4 ({a.encoder_ffn_dim // 4}) must equal d_model "
+                        f"({a.d_model}): upstream sizes audio_projection_layer's input that way")
+    if a.d_model % a.encoder_attention_heads:
+        raise UserError("config.json: audio_config.d_model must be a multiple of encoder_attention_heads")
+    if not 1 <= config.audio_pool_step <= 50 or not 0 < config.audio_chunk_length <= 30:
+        raise UserError(f"config.json: audio_pool_step {config.audio_pool_step} (1..50) or audio_chunk_length "
+                        f"{config.audio_chunk_length} (0..30 s) out of range")

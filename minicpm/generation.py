@@ -109,11 +109,14 @@ class GenerationResult:
 
 
 def timing_stats(prompt: Prompt, generated: list[int], t0: float, t_vision: float, t_prefill: float,
-                 t_end: float) -> dict:
-    """The timings every runner reports: vision per slice, time to first token, prefill and decode speed."""
+                 t_end: float, audio_s: float = 0.0) -> dict:
+    """The timings every runner reports: vision per slice, time to first token, prefill and decode speed
+    (`audio_s`: seconds of audio encoding, counted from t0 before the vision step)."""
     slices = len(prompt.pixel_values)
     decode_s = t_end - t_prefill
-    return {
+    audios = len(getattr(prompt, "audios", []))
+    audio = {"audios": audios, "audio_ms": round(audio_s * 1000, 2)} if audios else {}
+    return {**audio,
         "prompt_tokens": len(prompt.input_ids),
         "new_tokens": len(generated),
         "images": len(prompt.images),
@@ -136,12 +139,15 @@ def _cache_keyword(llm: torch.nn.Module) -> str:
 
 def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig,
              stop_ids: list[int], on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Run the eager reference: vision per image/slice, one prefill of the prompt, then decode."""
+    """Run the eager reference: audio per clip, vision per image/slice, one prefill of the prompt, then decode."""
     t0 = time.perf_counter()
+    audios = getattr(prompt, "audios", [])  # fields the prompt side adds for the o-models' audio
+    audio = model.encode_audios(audios) if audios else []
+    audio_s = time.perf_counter() - t0
     vision = model.encode(prompt.images)
     t_vision = time.perf_counter()
     ids = torch.tensor(prompt.input_ids)
-    embeds = model.prompt_embeddings(ids, prompt.image_bounds, vision)
+    embeds = model.prompt_embeddings(ids, prompt.image_bounds, vision, getattr(prompt, "audio_bounds", []), audio)
     cache = {_cache_keyword(model.llm): DynamicCache(config=model.llm.config)}
     out = model.llm(inputs_embeds=embeds[None], **cache, use_cache=True, logits_to_keep=1)
     t_prefill = time.perf_counter()
@@ -163,5 +169,6 @@ def generate(model: MiniCPMV, prompt: Prompt, tokenizer: PreTrainedTokenizerBase
         position += 1
     t_end = time.perf_counter()
     text = streamer.end()
-    stats = timing_stats(prompt, generated, t0, t_vision, t_prefill, t_end)
+    stats = timing_stats(prompt, generated, t0 + audio_s, t_vision, t_prefill, t_end, audio_s)
+    stats["time_to_first_token_ms"] = round((t_prefill - t0) * 1000, 2)
     return GenerationResult(generated, text, stats)

@@ -1,7 +1,7 @@
-"""The MiniCPM-V / MiniCPM-o model: vision encoder (`vpm`), resampler, and a transformers causal LM (`llm`).
+"""The MiniCPM-V / MiniCPM-o model: vision encoder (`vpm`), resampler, a transformers causal LM (`llm`) and,
+for o-models that initialise audio, the Whisper audio encoder (`apm`) with its projection.
 
-Audio (`apm`) and speech (`tts`) modules of the o-models are not built here; their weights are skipped
-by the loader on purpose.
+The speech head (`tts`) of the o-models is not built here; its weights are skipped by the loader on purpose.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
 
+from minicpm.audio_encoder import AudioEncoder, AudioProjector, ChunkCache, encode_chunked, encode_clip
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import UserError
 from minicpm.image_processing import ImageInputs, navit_position_ids
@@ -31,6 +32,10 @@ class MiniCPMV(nn.Module):
         self.vpm = VisionEncoder(config.vision, config.vision_layers)
         self.resampler = Resampler(config.query_num, config.hidden_size, config.vision.hidden_size,
                                    temporal=config.variant.resampler == "3d")
+        if config.audio is not None:  # upstream names: apm, audio_projection_layer, audio_avg_pooler
+            self.apm = AudioEncoder(config.audio)
+            self.audio_projection_layer = AudioProjector(config.audio.encoder_ffn_dim // 4, config.hidden_size)
+            self.audio_avg_pooler = nn.AvgPool1d(config.audio_pool_step, stride=config.audio_pool_step)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,6 +96,33 @@ class MiniCPMV(nn.Module):
         features = self.vpm(pixel_values, position_ids, None if all_valid else valid)
         return self.resampler(features, pos_embed, None if all_valid else ~valid)
 
+    # ----- audio ----------------------------------------------------------------------------------------
+
+    def _audio_modules(self) -> tuple[AudioEncoder, AudioProjector, int]:
+        if self.config.audio is None:
+            raise UserError(f"{self.config.variant.name} has no audio encoder (audio needs MiniCPM-o with init_audio)")
+        return self.apm, self.audio_projection_layer, self.config.audio_pool_step
+
+    @torch.no_grad()
+    def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """One clip's log-mel features [1, 80, frames] -> [tokens, H], as upstream chat(): the block-causal
+        chunk mask, projection, AvgPool1d; tokens = ((frames - 1) // 2 + 1 - pool) // pool + 1."""
+        apm, proj, pool = self._audio_modules()
+        return encode_clip(apm, proj, pool, features, self.config.audio_chunk_frames)
+
+    @torch.no_grad()
+    def encode_audio_chunked(self, features: torch.Tensor, cache: ChunkCache | None = None,
+                             final: bool = True) -> tuple[torch.Tensor, ChunkCache]:
+        """Append mel frames [1, 80, n] of a clip and encode its finished chunks (1 s = 100 mel frames) with the
+        encoder's cache of the earlier chunks; `final` flushes the rest. The outputs of all calls, concatenated,
+        equal `encode_audio` of the whole clip. Returns (new tokens [t, H], cache for the next call)."""
+        apm, proj, pool = self._audio_modules()
+        return encode_chunked(apm, proj, pool, self.config.audio_chunk_frames, features, cache, final)
+
+    def encode_audios(self, audios: list) -> list[torch.Tensor]:
+        """A prompt's audio clips (objects with `.features`, float32 [80, frames]) -> [tokens, H] each."""
+        return [self.encode_audio(torch.as_tensor(a.features, dtype=torch.float32)[None]) for a in audios]
+
     # ----- text -----------------------------------------------------------------------------------------
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -105,9 +137,20 @@ class MiniCPMV(nn.Module):
         return self.llm.model.embed_tokens(input_ids)
 
     def prompt_embeddings(self, input_ids: torch.Tensor, image_bounds: list[tuple[int, int]],
-                          vision: torch.Tensor) -> torch.Tensor:
-        """[L] ids -> [L, H] embeddings with vision features written over the placeholder spans, in order."""
+                          vision: torch.Tensor, audio_bounds: list[tuple[int, int]] = (),
+                          audio: list[torch.Tensor] = ()) -> torch.Tensor:
+        """[L] ids -> [L, H] embeddings with vision features written over the image spans, in order, and the
+        audio tokens of all clips, concatenated, over the audio spans in order (one span per clip, or one per
+        1 s chunk: upstream's stream_input placement)."""
         emb = self.embed_tokens(input_ids)
+        tokens = torch.cat(list(audio)) if len(audio) else emb.new_zeros(0, emb.shape[-1])
+        if sum(e - s for s, e in audio_bounds) != tokens.shape[0]:
+            raise ValueError(f"audio placeholder spans hold {sum(e - s for s, e in audio_bounds)} tokens, "
+                             f"the audio gives {tokens.shape[0]}")
+        offset = 0
+        for start, end in audio_bounds:
+            emb[start:end] = tokens[offset:offset + end - start].to(emb.dtype)
+            offset += end - start
         if len(image_bounds) != vision.shape[0]:
             raise ValueError(f"{len(image_bounds)} placeholder spans but {vision.shape[0]} vision features")
         for (start, end), feats in zip(image_bounds, vision, strict=True):

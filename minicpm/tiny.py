@@ -1,9 +1,9 @@
 """Tiny random checkpoints in the exact upstream layout, built offline and deterministically.
 
 Each has a config.json with the real keys of its variant, a model.safetensors with the real parameter
-names (including the audio / speech weights of the o-models, which loading skips on purpose) and real
-tokenizer files: the MiniCPM-o 4.5 tokenizer for `tiny-minicpm-o-4.5`, a small byte-level BPE with the
-variant's special tokens for the others. Built on first use into a cache directory, in seconds.
+names (including the complete audio encoder of the o-models, and a few speech-head tensors that loading
+skips on purpose) and real tokenizer files: the MiniCPM-o 4.5 tokenizer for `tiny-minicpm-o-4.5`, a small
+byte-level BPE with the variant's special tokens for the others. Built on first use into a cache directory, in seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 from minicpm.config import MiniCPMConfig
 from minicpm.modeling import MiniCPMV
 
-BUILDER_VERSION = 2  # bump when the tiny layouts or weights change, so caches rebuild
+BUILDER_VERSION = 3  # bump when the tiny layouts or weights change, so caches rebuild
 # Weight seeds: with seed 0 the tiny V-4.5 answers every image or video with one repeated token, so greedy
 # tokens could not tell a right chain from a wrong one; seed 4 gives answers that follow the input.
 SEEDS = {"tiny-minicpm-v-4.5": 4}
@@ -56,8 +56,10 @@ SLICE = {"max_slice_nums": 9, "model_type": "minicpmv", "patch_size": 14, "scale
 MULTIMODAL = {"query_num": 64, "image_size": 448, "drop_vision_last_layer": False, "batch_vision_input": True,
               "use_image_id": True, "vision_batch_size": 16, "slice_mode": True, "patch_size": 14,
               "slice_config": SLICE, "vision_config": VISION, "torch_dtype": "float32"}
-WHISPER = {"model_type": "whisper", "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
-           "encoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500, "activation_function": "gelu"}
+# encoder_ffn_dim = 4 x d_model, as whisper-medium: upstream sizes the projection's input as ffn // 4.
+WHISPER = {"model_type": "whisper", "d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
+           "encoder_ffn_dim": 128, "num_mel_bins": 80, "max_source_positions": 1500, "activation_function": "gelu"}
+AUDIO_PREFIXES = ("apm.", "audio_projection_layer.")
 
 
 def _qwen_llm(vocab: int, qwen3: bool, hidden: int = 128) -> dict:
@@ -167,10 +169,12 @@ def _write_tokenizer(name: str, out: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
+def _init_weights(model: torch.nn.Module, seed: int, skip: tuple[str, ...] = ()) -> None:
     """Deterministic random weights with O(1) activations, so greedy decoding has clear margins."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
+        if name.startswith(skip):
+            continue
         with torch.no_grad():
             if p.ndim == 1 and ("norm" in name or name.split(".")[-2].startswith("ln")):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
@@ -185,25 +189,35 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
 
-def _audio_and_tts_tensors(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A few real-named apm / projection / tts tensors, so loaders meet them as in the real checkpoints."""
-    a = cfg["audio_config"]
-    d, ffn, h = a["d_model"], a["encoder_ffn_dim"], cfg["hidden_size"]
-    shapes = {
-        "apm.conv1.weight": (d, a["num_mel_bins"], 3), "apm.conv1.bias": (d,),
-        "apm.conv2.weight": (d, d, 3), "apm.conv2.bias": (d,),
-        "apm.embed_positions.weight": (a["max_source_positions"], d),
-        "apm.layers.0.self_attn.q_proj.weight": (d, d), "apm.layers.0.self_attn.k_proj.weight": (d, d),
-        "apm.layers.0.self_attn.v_proj.weight": (d, d), "apm.layers.0.self_attn.out_proj.weight": (d, d),
-        "apm.layers.0.self_attn_layer_norm.weight": (d,), "apm.layers.0.fc1.weight": (ffn, d),
-        "apm.layers.0.fc2.weight": (d, ffn), "apm.layers.0.final_layer_norm.weight": (d,),
-        "apm.layer_norm.weight": (d,), "apm.layer_norm.bias": (d,),
-        "audio_projection_layer.linear1.weight": (h, ffn // 4), "audio_projection_layer.linear1.bias": (h,),
-        "audio_projection_layer.linear2.weight": (h, h), "audio_projection_layer.linear2.bias": (h,),
-        "tts.projector.linear1.weight": (32, h), "tts.emb_text.weight": (64, 32),
-        "tts.model.layers.0.self_attn.q_proj.weight": (32, 32),
-    }
-    return {k: 0.02 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+def _whisper_positions(length: int, dim: int) -> torch.Tensor:
+    """Whisper's sinusoidal position table (what the real `apm.embed_positions` holds)."""
+    scales = torch.exp(-math.log(10000) / (dim // 2 - 1) * torch.arange(dim // 2))
+    t = torch.arange(length)[:, None] * scales[None]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def _audio_and_tts_tensors(model: MiniCPMV, cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The complete apm / audio_projection_layer weights (from `model`, in the upstream layout) with their own
+    generator, so the other modules keep their weights; plus a few real-named tts tensors (skipped on load)."""
+    state = {}
+    for name, p in sorted(model.named_parameters()):
+        if not name.startswith(AUDIO_PREFIXES):
+            continue
+        if name == "apm.embed_positions.weight":
+            value = _whisper_positions(*p.shape)
+        elif p.ndim == 1 and "norm" in name:
+            value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif p.ndim == 1:
+            value = 0.02 * torch.randn(p.shape, generator=gen)
+        else:  # convolutions with gain 3, so the sound outweighs the position table (else all clips look alike)
+            gain = 3.0 if ".conv" in name else 1.0
+            value = gain * torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+        state[name] = value.to(p.dtype).contiguous()
+    h = cfg["hidden_size"]
+    shapes = {"tts.projector.linear1.weight": (32, h), "tts.emb_text.weight": (64, 32),
+              "tts.model.layers.0.self_attn.q_proj.weight": (32, 32)}
+    state.update({k: 0.02 * torch.randn(s, generator=gen) for k, s in shapes.items()})
+    return state
 
 
 def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
@@ -220,10 +234,10 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -
     config = MiniCPMConfig.from_dict(cfg)
     torch.manual_seed(seed)
     model = MiniCPMV(config)
-    _init_weights(model, seed)
+    _init_weights(model, seed, skip=AUDIO_PREFIXES)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if "audio_config" in cfg:
-        state.update(_audio_and_tts_tensors(cfg, torch.Generator().manual_seed(seed + 1)))
+        state.update(_audio_and_tts_tensors(model, cfg, torch.Generator().manual_seed(seed + 1)))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if name != "tiny-minicpm-o-4.5":

@@ -1,7 +1,8 @@
 """`python -m runtime.chat --artifacts DIR`: an interactive conversation on an export directory.
 
 Type a message and press enter. `/image PATH` attaches an image to your next message, `/video PATH` a video
-(MiniCPM-V 4.5; sampled with --fps / --max-frames / --packing), `/reset` clears the
+(MiniCPM-V 4.5; sampled with --fps / --max-frames / --packing), `/audio PATH` an audio clip (MiniCPM-o, once an
+export carries an audio step; `--audio FILE` attaches one to the first message), `/reset` clears the
 conversation (and the KV cache), `/quit` or end of input leaves. Follow-up turns reuse the KV cache and
 prefill only the new tokens.
 """
@@ -15,7 +16,7 @@ from minicpm.errors import UserError
 from minicpm.image_processing import load_image
 from minicpm.video import add_video_arguments, load_video
 from runtime.backends import BACKENDS
-from runtime.cli import add_sampling_arguments, run, sampling_from_args
+from runtime.cli import add_sampling_arguments, audio_item, require_audio_step, run, sampling_from_args
 from runtime.generate import format_stats
 
 
@@ -28,18 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thinking", action="store_true", help="enable thinking (Qwen3-based models)")
     parser.add_argument("--stats", action="store_true", help="print timings after each answer")
     add_video_arguments(parser, chat=True)
+    parser.add_argument("--audio", action="append", default=[], help="audio file for the first message (MiniCPM-o)")
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
     sampling = sampling_from_args(args)
     from runtime.session import Session  # noqa: PLC0415
 
     session = Session(args.artifacts, args.backend)
+    if args.audio:
+        require_audio_step(session.manifest)
     interactive = sys.stdin.isatty()
     images: list = []
     videos: list = []
+    audios: list = [audio_item(path) for path in args.audio]
     first = True
-    print(f"{session.manifest['model']['variant']} on {session.backend.name}; /image PATH, /video PATH, /reset, /quit",
-          file=sys.stderr)
+    print(f"{session.manifest['model']['variant']} on {session.backend.name}; /image PATH, /video PATH, /audio PATH, "
+          "/reset, /quit", file=sys.stderr)
     while True:
         if interactive:
             print("> ", end="", flush=True, file=sys.stderr)
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if line == "/reset":
             session.reset()
-            images, videos, first = [], [], True
+            images, videos, audios, first = [], [], [], True
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
@@ -70,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
+        if line.startswith("/audio"):
+            try:
+                require_audio_step(session.manifest)
+                audios.append(audio_item(line[len("/audio"):].strip()))
+                print(f"(audio attached: {audios[-1]['audio']})", file=sys.stderr)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         messages = [{"role": "system", "content": args.system}] if args.system and first else []
-        messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), line]})
+        messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), *audios, line]})
         try:
             result = session.ask(messages, sampling, lambda piece: print(piece, end="", flush=True),
                                  enable_thinking=args.thinking)
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if args.stats:
             print(format_stats(result.stats), file=sys.stderr)
-        images, videos, first = [], [], False
+        images, videos, audios, first = [], [], [], False
 
 
 if __name__ == "__main__":

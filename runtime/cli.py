@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig
@@ -32,6 +33,8 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
     add_video_arguments(parser)
+    parser.add_argument("--audio", action="append", default=[],
+                        help="audio file: WAV, FLAC, OGG, ... (repeatable, in order; MiniCPM-o)")
     parser.add_argument("--prompt", required=True, help="the user's question")
     parser.add_argument("--system", help="system prompt (none unless given)")
     parser.add_argument("--max-slice-nums", type=int, help="cap on slices per image (default: the checkpoint's)")
@@ -50,13 +53,29 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def messages_from_args(args: argparse.Namespace, videos: list[Video] | None = None) -> list[dict]:
-    """Images first, then videos, then the text, in one user message (as upstream chat() with [image, question]).
-    `videos`: already decoded `--video` files (default: decode them here)."""
+    """Images first, then videos, then audio clips, then the text, in one user message (as upstream chat() with
+    [image, question]). `videos`: already decoded `--video` files (default: decode them here); audio files are
+    read by the prompt builder, which knows the model's pooling."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     images = [load_image(path) for path in args.image]
     videos = videos_from_args(args) if videos is None else videos
-    messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), args.prompt]})
+    audios = [audio_item(path) for path in getattr(args, "audio", [])]
+    messages.append({"role": "user", "content": [*images, *(v.content() for v in videos), *audios, args.prompt]})
     return messages
+
+
+def audio_item(path: str) -> dict:
+    """The message item of an audio file (checked to exist now, decoded when the prompt is built)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such audio file")
+    return {"type": "audio", "audio": path}
+
+
+def require_audio_step(manifest: dict) -> None:
+    """Exports have no audio graph yet: audio through `--artifacts` is refused in one line."""
+    if "audio" not in manifest["schedule"]["steps"]:
+        raise UserError(f"this {manifest['model']['variant']} export has no audio step: audio is not in any "
+                        "exported graph yet (use the eager reference: runtime.generate --model M --audio FILE)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:

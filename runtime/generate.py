@@ -1,4 +1,4 @@
-"""`python -m runtime.generate`: answer a prompt (with images) and stream the text as it is produced.
+"""`python -m runtime.generate`: answer a prompt (with images or audio) and stream the text as it is produced.
 
 `--model M --backend torch` runs the eager PyTorch reference on a checkpoint. `--artifacts DIR` runs an
 export directory through the device schedule (`runtime.session`) on the runtime of the export's format
@@ -17,7 +17,14 @@ from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.generation import generate
 from runtime.backends import BACKENDS
-from runtime.cli import add_prompt_arguments, add_sampling_arguments, messages_from_args, run, sampling_from_args
+from runtime.cli import (
+    add_prompt_arguments,
+    add_sampling_arguments,
+    messages_from_args,
+    require_audio_step,
+    run,
+    sampling_from_args,
+)
 
 
 def format_stats(stats: dict) -> str:
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.session import Session  # noqa: PLC0415
 
         session = Session(args.artifacts, args.backend, on_context_full=args.on_context_full)
+        if args.audio:
+            require_audio_step(session.manifest)
         if args.parity:  # refused before answering, not after
             from runtime.backends import reference_source  # noqa: PLC0415
 

@@ -1,6 +1,7 @@
-"""`python -m runtime.preprocess`: show how a prompt and its images become model inputs.
+"""`python -m runtime.preprocess`: show how a prompt and its images and audio become model inputs.
 
-Prints slice grids, resized sizes, patch grids, input ids and the placeholder spans (end exclusive).
+Prints slice grids, resized sizes, patch grids, audio lengths (seconds, mel frames, 30 s pieces, tokens),
+input ids and the placeholder spans (end exclusive).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         "videos": [{k: v.summary()[k] for k in ("seconds", "frames", "groups", "temporal_ids")} for v in videos],
         "input_ids": prompt.input_ids,
         "image_bounds": [list(b) for b in prompt.image_bounds],
+        "audio_bounds": [list(b) for b in prompt.audio_bounds],
+        "audios": [a.summary() for a in prompt.audios],
     }
     if args.json:
         print(json.dumps(result))
@@ -39,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     for i, v in enumerate(result["videos"]):
         print(f"video {i}: {v['seconds']} s, {v['frames']} frames in {v['groups']} groups, temporal ids "
               f"{v['temporal_ids']}")
-    print(f"{len(prompt.input_ids)} tokens, {len(prompt.image_bounds)} placeholder spans")
+    for i, a in enumerate(result["audios"]):
+        print(f"audio {i}: {a['seconds']:g} s, {a['mel_frames']} mel frames in {a['chunks']} x 30 s, "
+              f"{a['tokens']} tokens")
+    audio_spans = f", {len(prompt.audio_bounds)} audio spans" if prompt.audio_bounds else ""
+    print(f"{len(prompt.input_ids)} tokens, {len(prompt.image_bounds)} placeholder spans{audio_spans}")
     print(prompt.text)
     return 0
 
