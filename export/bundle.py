@@ -139,6 +139,17 @@ def write_embedding_table(model: MiniCPMV, dest: Path, dtype: torch.dtype) -> di
 VIDEO_FRAME_SLOTS = 6  # frames per group in the exported video graph (the 3D resampler takes up to 6)
 
 
+def vision_example(model: MiniCPMV, max_patches: int) -> list[dict[str, torch.Tensor]]:
+    """Batch-1 inputs of two real slices of a 640x480 noise photo (float32), padded to the patch row: the parity
+    example of the batch-1 vision exporters (Core ML, Core AI)."""
+    from minicpm.image_processing import process_image  # noqa: PLC0415
+
+    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
+    slices = process_image(image, model.config.slice)
+    return [model.vision_inputs(slices.pixel_values[i:i + 1], slices.tgt_sizes[i:i + 1], pad_to=max_patches)
+            for i in range(min(2, len(slices.pixel_values)))]
+
+
 def video_example(model: MiniCPMV, max_patches: int) -> dict[str, torch.Tensor]:
     """Inputs of `VideoGroupStep` for two groups of noise frames (4 and 2 of the 6 slots used, temporal ids on
     0.1 s steps), float32: the second group has unused slots, so every exporter's parity covers the padding the

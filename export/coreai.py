@@ -65,6 +65,7 @@ from export.bundle import (
     print_summary,
     staged_directory,
     video_example,
+    vision_example,
     write_embedding_table,
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
@@ -261,16 +262,9 @@ def runtime_logits(runner: AssetRunner, calls: list, state_shape: tuple, dtype) 
 
 
 def vision_examples(model: MiniCPMV, max_patches: int, dtype) -> list[dict[str, np.ndarray]]:
-    """Batch-1 inputs of two real slices of a 640x480 noise photo, padded to the patch row."""
-    from minicpm.image_processing import process_image  # noqa: PLC0415
-
-    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
-    slices = process_image(image, model.config.slice)
-    out = []
-    for i in range(min(2, len(slices.pixel_values))):
-        inputs = model.vision_inputs(slices.pixel_values[i:i + 1], slices.tgt_sizes[i:i + 1], pad_to=max_patches)
-        out.append({k: v.numpy().astype(dtype) if v.is_floating_point() else v.numpy() for k, v in inputs.items()})
-    return out
+    """`export.bundle.vision_example` as numpy arrays, float inputs in the asset's dtype."""
+    return [{k: v.numpy().astype(dtype) if v.is_floating_point() else v.numpy() for k, v in e.items()}
+            for e in vision_example(model, max_patches)]
 
 
 @torch.no_grad()

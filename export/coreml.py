@@ -73,6 +73,7 @@ from export.bundle import (
     print_summary,
     staged_directory,
     video_example,
+    vision_example,
     write_embedding_table,
 )
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
@@ -322,16 +323,6 @@ def _np_float(args: argparse.Namespace):
 
 
 # ----- vision ----------------------------------------------------------------------------------------------
-
-
-def vision_example(model: MiniCPMV, max_patches: int) -> list[dict[str, torch.Tensor]]:
-    """Batch-1 inputs of two real slices of a 640x480 noise photo (float32), padded to the patch row."""
-    from minicpm.image_processing import process_image  # noqa: PLC0415
-
-    image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
-    slices = process_image(image, model.config.slice)
-    return [model.vision_inputs(slices.pixel_values[i:i + 1], slices.tgt_sizes[i:i + 1], pad_to=max_patches)
-            for i in range(min(2, len(slices.pixel_values)))]
 
 
 def vision_tensor_types(ct, args: argparse.Namespace, hidden: int, patch: int, frames: int | None = None) -> list:
