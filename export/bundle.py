@@ -178,11 +178,76 @@ def video_preprocessing() -> dict:
             "unused_frame_slots": "zero pixels, patch_mask 0"}
 
 
+def audio_preprocessing(model: MiniCPMV) -> dict:
+    """Upstream's audio features (minicpm.audio) as the host must reproduce them, and the prompt's audio tags."""
+    from minicpm import audio  # noqa: PLC0415
+    from minicpm.prompt import AUDIO_END, AUDIO_START, audio_tag  # noqa: PLC0415
+
+    return {"sample_rate": audio.SAMPLE_RATE, "n_fft": audio.N_FFT, "hop_length": audio.HOP_LENGTH,
+            "n_mels": audio.N_MELS, "window": "hann (periodic)", "power": 2.0, "mel_scale": "slaney, 0..8000 Hz",
+            "log": "log10(max(power_mel, 1e-10))", "pad_seconds": audio.CHUNK_SECONDS,
+            "frames": "ceil(samples / hop_length) (the last STFT frame of the 30 s padding dropped)",
+            "log_norm": {"dynamic_range": audio.DYNAMIC_RANGE_DB, "streaming_floor": audio.STREAMING_LOG_FLOOR,
+                         "offset": 4.0, "scale": 4.0,
+                         "rule": "x = max(x, max(x) - dynamic_range) per 30 s piece (live input: max(x, "
+                                 "streaming_floor)), then (x + offset) / scale"},
+            "piece_seconds": audio.CHUNK_SECONDS, "max_seconds": audio.MAX_SECONDS,
+            "pool": model.config.audio_pool_step,
+            "chunk_mel_frames": audio.STREAM_CHUNK_MEL_FRAMES, "tag": audio_tag(model.config),
+            "span_start": AUDIO_START, "span_end": AUDIO_END,
+            "tokens": "f = ceil(n / 160), c = (f - 1) // 2 + 1, t = (c - pool) // pool + 1"}
+
+
+def audio_step(model: MiniCPMV, artifact: str, function: str | None = None) -> dict:
+    """`schedule.steps.audio`: one call per 1 s chunk of `frames` encoder frames, `tokens` tokens out."""
+    chunk, pool = model.config.audio_chunk_frames, model.config.audio_pool_step
+    return {"artifact": artifact, **({"function": function} if function else {}), "frames": chunk,
+            "tokens": chunk // pool, "pool": pool}
+
+
+def audio_cache(model: MiniCPMV, dtype: str) -> dict:
+    """`schedule.audio_cache`: the encoder K/V of a clip's earlier chunks, one slot per encoder position."""
+    from minicpm.split import AudioChunkStep  # noqa: PLC0415
+
+    step = AudioChunkStep(model)
+    positions = model.apm.max_source_positions
+    return {"layers": len(model.apm.layers), "heads": step.heads, "head_dim": step.head_dim, "positions": positions,
+            "shape": [len(model.apm.layers), step.heads, positions, step.head_dim], "dtype": dtype,
+            "policy": f"a new 30 s piece (empty cache, positions from 0) every {2 * positions} mel frames, as "
+                      "upstream encodes recorded audio"}
+
+
+def audio_example(model: MiniCPMV) -> list[dict[str, torch.Tensor]]:
+    """`AudioChunkStep` inputs of the three chunks of a 2.4 s noise clip (float32): the first (left padding), a
+    middle one with a filled cache and the short last one (right padding), as the runtime's AudioChunker cuts
+    them. The parity example of every exporter."""
+    from minicpm.split import AudioChunkStep  # noqa: PLC0415
+    from runtime.audio_chunks import AudioChunker, AudioStepSpec  # noqa: PLC0415
+
+    step = AudioChunkStep(model).eval()
+    cache = audio_cache(model, "float32")
+    spec = AudioStepSpec(model.apm.num_mel_bins, step.chunk, cache["positions"], step.pool, model.config.hidden_size,
+                         tuple(cache["shape"]))
+    calls = []
+
+    def run(**inputs: np.ndarray):
+        calls.append({k: torch.from_numpy(np.array(v)) for k, v in inputs.items()})
+        with torch.no_grad():
+            return tuple(t.numpy() for t in step(**calls[-1]))
+
+    mel = np.random.RandomState(2).randn(model.apm.num_mel_bins, 240).astype(np.float32)
+    AudioChunker(spec).encode(mel, True, run)
+    return calls
+
+
 def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
                    files: list[dict], args: argparse.Namespace, dtype: str, parity: dict,
-                   quantization: dict | None = None, steps: dict | None = None) -> dict:
+                   quantization: dict | None = None, steps: dict | None = None, model: MiniCPMV | None = None) -> dict:
+    """The manifest of an export. `model` (the loaded model) is needed for its audio step (MiniCPM-o): with it and an
+    `audio` artifact (or an `audio` step in `steps`), the audio preprocessing, step and cache are described."""
     cfg = ckpt.config
     llm = cfg.llm
+    audio = model is not None and ("audio" in artifacts or "audio" in (steps or {}))
     head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
     layers, kv_heads = llm.num_hidden_layers, llm.num_key_value_heads
     special = SpecialTokens.from_dir(ckpt.path)
@@ -217,6 +282,7 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
             # the vision position table's side, as Idefics2VisionEmbeddings derives it from the same config
             "num_patches_per_side": cfg.vision.image_size // cfg.vision.patch_size,
             **({"video": video_preprocessing()} if cfg.variant.resampler == "3d" else {}),
+            **({"audio": audio_preprocessing(model)} if audio else {}),
         },
         "schedule": {
             "prefill_chunk": args.prefill_chunk,
@@ -231,7 +297,9 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
                                "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
                                "decode": {"artifact": "llm", "tokens": 1},
                                **({"video": {"artifact": "video", "frames": VIDEO_FRAME_SLOTS}}
-                                  if "video" in artifacts else {})},
+                                  if "video" in artifacts else {}),
+                               **({"audio": audio_step(model, "audio")} if audio else {})},
+            **({"audio_cache": audio_cache(model, dtype)} if audio else {}),
             "default_sampling": sampling,
         },
         "quantization": quantization or {"method": "none", "bits": None, "group_size": None, "symmetric": None},

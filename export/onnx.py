@@ -6,7 +6,9 @@ Two graphs, shared by every phase of the schedule:
   use T = prefill chunk, decode calls T = 1, so the weights are stored once);
 - MiniCPM-V 4.5 also gets `video.onnx` (`VideoGroupStep`): frame groups of 6 fixed slots (unused slots
   masked) -> one query_num x H output per group through the 3D resampler, groups dynamic. A separate graph,
-  so an image never pays for 6 frame slots.
+  so an image never pays for 6 frame slots;
+- MiniCPM-o also gets `audio.onnx` (`AudioChunkStep`): one 1 s chunk of mel frames + the encoder cache of the
+  clip's earlier chunks -> its audio tokens + the chunk's K/V (fixed shapes; the host keeps the cache).
 The token embedding table is a raw file the host indexes. Opset 18, IR 10 (onnxruntime 1.31 reads <= 13).
 
 int4 (`--quant int4-awq|int4-rtn`, or a quantised checkpoint directory from `python -m quant.awq` as --model):
@@ -33,6 +35,7 @@ from tqdm import tqdm
 from export import matmul_nbits
 from export.bundle import (
     add_export_arguments,
+    audio_example,
     build_manifest,
     check_export_arguments,
     copy_model_files,
@@ -46,7 +49,7 @@ from export.bundle import (
 from export.quantization import QUANT_METHODS, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
-from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
+from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import write_manifest
 
@@ -55,6 +58,8 @@ IR_VERSION = 10
 VISION_IO = (["pixel_values", "position_ids", "patch_mask", "pos_embed"], ["features"])
 LLM_IO = (["inputs_embeds", "position_ids", "attention_mask", "last_index", "past_keys", "past_values"],
           ["logits", "new_keys", "new_values"])
+AUDIO_IO = (["mel", "conv_mask", "position_ids", "attention_mask", "past_keys", "past_values"],
+            ["tokens", "new_keys", "new_values"])
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
@@ -148,6 +153,23 @@ def _export_batched(step: torch.nn.Module, args: tuple, path: Path, batch: torch
     return _artifact(path.parent, path), max_abs_error(got, expected)
 
 
+def export_audio(model, out: Path, dtype: torch.dtype) -> tuple[dict, float]:
+    """MiniCPM-o's audio chunk graph (fixed shapes: one chunk per call); measured against the torch step on the
+    three chunks of `audio_example` (first, middle with a cache, short last)."""
+    step = AudioChunkStep(model).eval()
+    examples = [tuple(x[n].to(dtype) if x[n].is_floating_point() else x[n] for n in AUDIO_IO[0])
+                for x in audio_example(model)]
+    path = out / "audio.onnx"
+    _export(step, examples[1], path, AUDIO_IO, tuple(None for _ in AUDIO_IO[0]))
+    error = 0.0
+    for args in examples:
+        with torch.no_grad():
+            expected = [x.float().numpy() for x in step(*args)]
+        got = _ort_run(path, {n: a.numpy() for n, a in zip(AUDIO_IO[0], args, strict=True)})
+        error = max(error, *(max_abs_error(g, e) for g, e in zip(got, expected, strict=True)))
+    return _artifact(out, path), error
+
+
 def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype,
                records: dict | None = None) -> tuple[dict, float]:
     """Trace the LLM step with a dynamic token count; measure onnxruntime at T = chunk and T = 1. `records`:
@@ -229,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype)
             rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"], time.perf_counter() - t))
+        if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
+            t = time.perf_counter()
+            artifacts["audio"], parity["audio"] = export_audio(model, out, dtype)
+            rows.append(("audio.onnx (+ .data)", _size(out, "audio.onnx"), parity["audio"], time.perf_counter() - t))
         steps.update()
         t = time.perf_counter()
         steps.set_postfix_str("llm graph")
@@ -252,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
                          accuracy_level=args.accuracy_level)
         manifest = build_manifest("onnx", ckpt, args.model, artifacts, files, args,
-                                  "float16" if args.dtype == "fp16" else "float32", parity, entry)
+                                  "float16" if args.dtype == "fp16" else "float32", parity, entry, model=model)
         write_manifest(out, manifest)
         steps.update()
     steps.close()

@@ -240,6 +240,24 @@ def log_mel(samples: np.ndarray, log_floor: float | None = None) -> np.ndarray:
     return log_spec[0, :, :mel_frames(n)].numpy()
 
 
+def buffer_log_spec(samples: np.ndarray) -> np.ndarray:
+    """Un-normalised log10 mel power [80, ceil(n / 160)] of a live buffer as it stands (400..480000 samples).
+
+    As upstream's streaming processor computes it (`padding=False`): no 30 s zero padding, so the centred frames
+    at both ends see torch's reflect padding of the buffer itself. The STFT's last frame is kept only when it
+    covers samples no other frame starts on (n % 160 != 0), so there are as many frames as `mel_frames(n)`."""
+    import torch  # noqa: PLC0415
+
+    n = int(samples.shape[0])
+    if not N_FFT <= n <= CHUNK_SAMPLES:
+        raise UserError(f"buffer_log_spec takes {N_FFT}..{CHUNK_SAMPLES} samples, got {n}")
+    filters, window = _mel_filters()
+    wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
+    stft = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = (stft[..., :mel_frames(n)].abs() ** 2).contiguous()
+    return torch.clamp(filters.T @ power, min=1e-10).log10()[0].numpy()
+
+
 def audio_features(samples: np.ndarray, log_floor: float | None = None) -> np.ndarray:
     """Features of a whole clip: its 30 s pieces' `log_mel` side by side ([80, ceil(n / 160)])."""
     pieces = [log_mel(samples[i:i + CHUNK_SAMPLES], log_floor) for i in range(0, samples.shape[0], CHUNK_SAMPLES)]

@@ -5,6 +5,8 @@
 - `LanguageModelStep`: T new embeddings + the whole KV cache -> logits of one chosen position and the K/V
   of the T new tokens. Positions, the additive attention mask and where the new K/V go are the host's
   business, so one graph serves chunked prefill (T = chunk) and decode (T = 1).
+- `AudioChunkStep` (MiniCPM-o): one 1 s chunk of mel frames + the encoder cache of the clip's earlier chunks ->
+  its audio tokens and the chunk's K/V (the host keeps the cache, as for the LLM).
 - The token embedding is a table the host indexes (see `token_embedding_table`).
 """
 
@@ -135,6 +137,70 @@ class LanguageModelStep(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = torch.index_select(self.norm(hidden), 1, last_index)
         return self.lm_head(last)[:, 0]
+
+
+class AudioChunkStep(nn.Module):
+    """One 1 s chunk of a MiniCPM-o clip through the audio encoder, with the keys/values of the clip's earlier
+    chunks (upstream's block-causal chunk mask: a chunk sees itself and every earlier chunk), so one graph serves
+    recorded clips and live input. The host (runtime/audio_chunks.py) cuts the windows and keeps the cache.
+
+    mel [1, n_mels, 2C+3]: mel frames start-2 .. start+2C (2 frames of left context for the convolutions, the 2C
+    frames of the chunk, 1 look-ahead), zero outside the clip's 30 s piece; conv_mask [1, 2C+1]: 1 where the
+    conv2 input (conv1 output of mel frame start-1 ..) lies inside the piece (the whole-clip conv2's zero padding);
+    position_ids [C] int64; attention_mask [1, 1, C, P+C] additive over the P cache slots then the C new frames;
+    past_keys / past_values [layers, heads, P, head_dim] -> tokens [C / pool, H], new_keys / new_values
+    [layers, heads, C, head_dim]. C = encoder frames per chunk (50), P = the encoder's position table (1500).
+    """
+
+    def __init__(self, model: MiniCPMV):
+        super().__init__()
+        self.apm = model.apm
+        self.proj = model.audio_projection_layer
+        self.pool = model.config.audio_pool_step
+        self.chunk = model.config.audio_chunk_frames
+        self.heads = self.apm.layers[0].self_attn.num_heads
+        self.head_dim = self.apm.layers[0].self_attn.head_dim
+
+    def forward(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_keys, new_values = [], []
+
+        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            new_keys.append(k[0])
+            new_values.append(v[0])
+            return (torch.cat([past_keys[i : i + 1].to(k.dtype), k], dim=2),
+                    torch.cat([past_values[i : i + 1].to(v.dtype), v], dim=2))
+
+        tokens = self.run_layers(mel, conv_mask, position_ids, attention_mask, attend_over)
+        return tokens, torch.stack(new_keys), torch.stack(new_values)
+
+    def run_layers(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, attend_over: Callable[[int, torch.Tensor, torch.Tensor],
+                                                                       tuple[torch.Tensor, torch.Tensor]]
+                   ) -> torch.Tensor:
+        """Convolutions, the Whisper layers as transformers' WhisperEncoderLayer computes them (query scaled
+        before the product), the final LayerNorm, the projection and the average pooling. `attend_over(layer, k, v)`
+        returns the keys/values to attend over, matching the mask's last axis (as LanguageModelStep's)."""
+        apm = self.apm
+        dtype = apm.conv1.weight.dtype
+        g = nn.functional.gelu(apm.conv1(mel.to(dtype)))[:, :, 1:-1] * conv_mask[:, None].to(dtype)
+        x = nn.functional.gelu(nn.functional.conv1d(g, apm.conv2.weight, apm.conv2.bias, stride=2))
+        x = x.permute(0, 2, 1) + apm.embed_positions.weight[position_ids]
+        frames = x.shape[1]
+        for i, layer in enumerate(apm.layers):
+            attn = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            q = (attn.q_proj(h) * attn.scaling).view(1, frames, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, frames, self.heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, frames, self.heads, self.head_dim).transpose(1, 2)
+            keys, values = attend_over(i, k, v)
+            probs = torch.softmax((torch.matmul(q, keys.transpose(2, 3)) + attention_mask).float(), dim=-1)
+            out = torch.matmul(probs.to(dtype), values).transpose(1, 2).reshape(1, frames, -1)
+            x = x + attn.out_proj(out)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+        emb = self.proj(apm.layer_norm(x))
+        return nn.functional.avg_pool1d(emb.transpose(1, 2), self.pool, self.pool).transpose(1, 2)[0]
 
 
 def token_embedding_table(model: MiniCPMV) -> torch.Tensor:

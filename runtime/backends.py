@@ -6,6 +6,9 @@ A backend takes and returns numpy arrays named as in the manifest:
   block per group (MiniCPM-V 4.5 exports only: the manifest's `steps.video`)
 - `llm(inputs_embeds, position_ids, attention_mask, last_index, past_keys, past_values)
    -> (logits, new_keys, new_values)`
+- `audio(mel, conv_mask, position_ids, attention_mask, past_keys, past_values) -> (tokens, new_keys, new_values)`:
+  one 1 s chunk with the encoder cache of the clip's earlier chunks (MiniCPM-o exports only: `steps.audio`,
+  host side in runtime/audio_chunks.py); a backend keeping that cache as state sets `owns_audio_cache`.
 A backend whose graph keeps the KV cache as state sets `owns_cache = True`: it gets the same inputs (with
 empty past_keys / past_values), writes the new K/V itself, returns (logits, None, None) and has `reset()`.
 """
@@ -40,12 +43,13 @@ class TorchBackend:
 
     def __init__(self, source: str, max_context: int):
         from minicpm.checkpoint import Checkpoint  # noqa: PLC0415
-        from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep  # noqa: PLC0415
+        from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep  # noqa: PLC0415
 
         model, _ = Checkpoint.open(source).load_model("float32")
         self.vision_step = VisionStep(model).eval()
         self.video_step = VideoGroupStep(model).eval() if model.resampler.temporal else None
         self.llm_step = LanguageModelStep(model, max_context).eval()
+        self.audio_step = AudioChunkStep(model).eval() if hasattr(model, "apm") else None
 
     @torch.no_grad()
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
@@ -60,13 +64,19 @@ class TorchBackend:
         out = self.llm_step(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()})
         return tuple(t.numpy() for t in out)
 
+    @torch.no_grad()
+    def audio(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.audio_step(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()})
+        return tuple(t.numpy() for t in out)
+
 
 class OnnxRuntimeBackend:
     """onnxruntime sessions over the exported `vision` and `llm` graphs (CPU)."""
 
     name = "onnxruntime"
 
-    def __init__(self, vision_path: Path, llm_path: Path, threads: int | None = None, video_path: Path | None = None):
+    def __init__(self, vision_path: Path, llm_path: Path, threads: int | None = None, video_path: Path | None = None,
+                 audio_path: Path | None = None):
         import onnxruntime as ort  # noqa: PLC0415
 
         options = ort.SessionOptions()
@@ -81,6 +91,7 @@ class OnnxRuntimeBackend:
 
         self.vision_session, self.llm_session = load(vision_path), load(llm_path)
         self.video_session = load(video_path) if video_path else None
+        self.audio_session = load(audio_path) if audio_path else None
 
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
         return self.vision_session.run(None, inputs)[0]
@@ -91,13 +102,19 @@ class OnnxRuntimeBackend:
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.llm_session.run(None, inputs))
 
+    def audio(self, **inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.audio_session.run(None, inputs))
+
 
 class CoreMLBackend:
     """The packages of `export.coreml` through Core ML (macOS 15+ only): `vision.mlpackage` one slice per call,
-    `llm.mlpackage`'s `prefill` / `decode` functions sharing one KV state (`make_state()`), so `owns_cache`."""
+    `llm.mlpackage`'s `prefill` / `decode` functions sharing one KV state (`make_state()`), so `owns_cache`;
+    MiniCPM-o: `audio.mlpackage` one 1 s chunk per call with the encoder cache as its own state
+    (`owns_audio_cache`: earlier clips' slots are masked, so one state serves every clip)."""
 
     name = "coreml"
     owns_cache = True
+    owns_audio_cache = True
 
     def __init__(self, directory: Path, manifest: dict):
         if sys.platform != "darwin":
@@ -129,11 +146,16 @@ class CoreMLBackend:
         self.vision_dtypes = {t["name"]: np.dtype(t["dtype"]) for t in artifacts["vision"]["inputs"]}
         self.llm_dtypes = {t["name"]: np.dtype(t["dtype"])
                            for t in artifacts["llm"]["functions"][steps["decode"]["function"]]["inputs"]}
+        audio = steps.get("audio")
+        self.audio_model = load(audio["artifact"], None) if audio else None  # a single-function package
+        self.audio_dtypes = {t["name"]: np.dtype(t["dtype"]) for t in artifacts[audio["artifact"]]["inputs"]} \
+            if audio else {}
         self.reset()
 
     def reset(self) -> None:
-        """A fresh (zeroed) KV state: a new conversation."""
+        """Fresh (zeroed) KV and audio encoder states: a new conversation."""
         self.state = self.functions[1].make_state()
+        self.audio_state = self.audio_model.make_state() if self.audio_model else None
 
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
         out = []
@@ -158,16 +180,27 @@ class CoreMLBackend:
         logits = self.functions[tokens].predict(feed, state=self.state)["logits"]
         return logits.astype(np.float32), None, None
 
+    def audio(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        """One 1 s chunk (the empty past_keys / past_values are ignored: the cache is the package's state)."""
+        if self.audio_model is None:
+            raise UserError("this Core ML export has no audio package (audio needs a MiniCPM-o export)")
+        feed = {k: np.ascontiguousarray(inputs[k]).astype(dt) for k, dt in self.audio_dtypes.items()}
+        tokens = self.audio_model.predict(feed, state=self.audio_state)["tokens"]
+        return tokens.astype(np.float32), None, None
+
 
 class ExecuTorchBackend:
     """The `.pte` program of `python -m export.executorch` through `executorch.runtime` (XNNPACK on CPU).
 
     Stateful: `text_decoder` keeps the KV cache in its mutable buffers `k_cache_{i}` / `v_cache_{i}`
-    (`owns_cache`). The vision method takes one slice per call, so a batch runs slice by slice.
+    (`owns_cache`), and `audio_encoder` (MiniCPM-o) the clip's encoder cache in `audio_k_cache_{i}` /
+    `audio_v_cache_{i}` (`owns_audio_cache`). The vision method takes one slice per call, so a batch runs slice
+    by slice.
     """
 
     name = "executorch"
     owns_cache = True
+    owns_audio_cache = True
 
     def __init__(self, path: Path, steps: dict, layers: int, threads: int | None = None):
         from executorch.runtime import Runtime  # noqa: PLC0415
@@ -188,6 +221,8 @@ class ExecuTorchBackend:
             self.program = self.runtime.load_program(self.path)
             self.vision_method = self.program.load_method(self.functions["vision"])
             self.video_method = self.program.load_method(self.functions["video"]) if "video" in self.functions \
+                else None
+            self.audio_method = self.program.load_method(self.functions["audio"]) if "audio" in self.functions \
                 else None
             self.decoder = self.program.load_method(self.functions["prefill"])
         except Exception as e:  # noqa: BLE001 (an unloadable program is named, not dumped)
@@ -226,6 +261,13 @@ class ExecuTorchBackend:
         names = ("inputs_embeds", "position_ids", "attention_mask", "last_index")  # past K/V: in the program
         logits = self.decoder.execute([_tensor(inputs[n]) for n in names])[0]
         return logits.numpy(), None, None
+
+    def audio(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        if self.audio_method is None:
+            raise UserError("this ExecuTorch export has no audio_encoder method (audio needs a MiniCPM-o export)")
+        names = ("mel", "conv_mask", "position_ids", "attention_mask")  # past K/V: in the program
+        tokens = self.audio_method.execute([_tensor(inputs[n]) for n in names])[0]
+        return tokens.numpy(), None, None
 
 
 class CoreAIBackend:
@@ -391,6 +433,8 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
         return CoreAIBackend(directory, manifest)
     if manifest["format"] != "onnx":
         raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
-    video = manifest["schedule"]["steps"].get("video")
+    steps = manifest["schedule"]["steps"]
+    video, audio = steps.get("video"), steps.get("audio")
     return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),
-                              threads, artifact_path(directory, manifest, video["artifact"]) if video else None)
+                              threads, artifact_path(directory, manifest, video["artifact"]) if video else None,
+                              artifact_path(directory, manifest, audio["artifact"]) if audio else None)

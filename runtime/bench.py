@@ -1,8 +1,9 @@
 """`python -m runtime.bench` (`make bench`): speed and memory of the schedule, per model and backend.
 
 For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w, Core AI fp32 / int4, int4 also with an int8
-head): export (timed), then answer one image question through each backend that runs it and record vision ms per
-slice, time to first token, prefill and decode tok/s and peak RSS (each run in its own process, so RSS is not shared).
+head): export (timed), then answer one image question (MiniCPM-o: image plus `--audio`, the committed speech clip)
+through each backend that runs it and record vision ms per slice, audio ms per 1 s chunk, time to first token,
+prefill and decode tok/s and peak RSS (each run in its own process, so RSS is not shared).
 Prints a table and writes `out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4
 exports use RTN: the same kernels and sizes as AWQ without the calibration time.
 """
@@ -48,9 +49,11 @@ def _run(args: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny-minicpm-v-4,mid-minicpm-v-4")
+    parser.add_argument("--models", default="tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4")
     parser.add_argument("--exports", default=",".join(EXPORTS), help=f"any of {', '.join(EXPORTS)}")
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "house.png"))
+    parser.add_argument("--audio", default=str(Path(__file__).resolve().parents[1] / "examples" / "speech.wav"),
+                        help="speech clip for MiniCPM-o exports (their audio step)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--out", default="out/bench")
@@ -68,16 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         export_s = time.perf_counter() - t
         size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
         common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        if "audio" in manifest["schedule"]["steps"]:
+            common += ["--audio", args.audio]
         for backend in backends:
             stats = _run(["runtime.generate", "--artifacts", str(export_dir), "--backend", backend,
                           *common])["stats"]
             rows.append({"model": model, "export": name, "backend": backend, "export_s": round(export_s, 1),
                          "export_mb": round(size / 2**20, 1), **stats})
     print(f"\n{'model':<18}{'export':<27}{'backend':<13}{'took':>9}{'size MB':>9}{'vision/slice':>14}{'TTFT ms':>9}"
-          f"{'prefill t/s':>13}{'decode t/s':>12}{'RSS MB':>8}")
+          f"{'audio/chunk':>13}{'prefill t/s':>13}{'decode t/s':>12}{'RSS MB':>8}")
     for r in rows:
         print(f"{r['model']:<18}{r['export']:<27}{r['backend']:<13}{r['export_s']:>8.1f}s{r['export_mb']:>9.1f}"
-              f"{r['vision_ms_per_slice']:>12.1f}ms{r['time_to_first_token_ms']:>9.0f}{r['prefill_tok_s']:>13.1f}"
+              f"{r['vision_ms_per_slice']:>12.1f}ms{r['time_to_first_token_ms']:>9.0f}"
+              f"{r.get('audio_ms_per_chunk', 0.0):>11.1f}ms{r['prefill_tok_s']:>13.1f}"
               f"{r['decode_tok_s']:>12.1f}{r['peak_rss_mb']:>8.0f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")

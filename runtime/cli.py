@@ -72,10 +72,10 @@ def audio_item(path: str) -> dict:
 
 
 def require_audio_step(manifest: dict) -> None:
-    """Exports have no audio graph yet: audio through `--artifacts` is refused in one line."""
+    """Audio through `--artifacts` needs an export with an audio step (MiniCPM-o): refused in one line otherwise."""
     if "audio" not in manifest["schedule"]["steps"]:
-        raise UserError(f"this {manifest['model']['variant']} export has no audio step: audio is not in any "
-                        "exported graph yet (use the eager reference: runtime.generate --model M --audio FILE)")
+        raise UserError(f"this {manifest['model']['variant']} export has no audio step (audio needs a MiniCPM-o "
+                        "export)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:

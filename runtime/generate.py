@@ -29,7 +29,10 @@ from runtime.cli import (
 
 def format_stats(stats: dict) -> str:
     return (f"[{stats['prompt_tokens']} prompt tokens, {stats['slices']} slices] "
-            f"vision {stats['vision_ms']:.1f} ms ({stats['vision_ms_per_slice']:.1f} ms/slice), "
+            + (f"audio {stats['audio_ms']:.1f} ms" + (f" ({stats['audio_ms_per_chunk']:.1f} ms per 1 s chunk)"
+                                                      if "audio_ms_per_chunk" in stats else "") + ", "
+               if "audio_ms" in stats else "")
+            + f"vision {stats['vision_ms']:.1f} ms ({stats['vision_ms_per_slice']:.1f} ms/slice), "
             f"prefill {stats['prefill_ms']:.1f} ms ({stats['prefill_tok_s']:.1f} tok/s), "
             f"first token {stats['time_to_first_token_ms']:.1f} ms, "
             f"decode {stats['new_tokens']} tokens {stats['decode_ms']:.1f} ms ({stats['decode_tok_s']:.1f} tok/s)"

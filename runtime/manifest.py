@@ -56,6 +56,9 @@ def validate(manifest: dict) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise UserError(f"manifest.json is invalid at {shown(where)}: {shown(e.message, 200)}") from None
+    if "audio" in manifest["schedule"]["steps"] and not ("audio_cache" in manifest["schedule"]
+                                                         and "audio" in manifest["preprocessing"]):
+        raise UserError("manifest.json: an audio step needs schedule.audio_cache and preprocessing.audio")
     for step, spec in manifest["schedule"]["steps"].items():
         if spec["artifact"] not in manifest["artifacts"]:
             raise UserError(f"manifest.json: schedule step '{shown(step)}' names unknown artifact "

@@ -1,8 +1,9 @@
 """The device schedule, run by the host: the reference the Swift runtime mirrors.
 
-One conversation = one KV cache of `max_context` slots. A turn: preprocess (slices, prompt ids), vision per
-batch of slices, embedding lookup + scatter of vision features, chunked prefill of the new tokens only,
-then token-by-token decode with sampling and streaming. Follow-up turns reuse the cache.
+One conversation = one KV cache of `max_context` slots. A turn: preprocess (slices, audio features, prompt ids),
+audio per 1 s chunk (runtime/audio_chunks.py), vision per batch of slices, embedding lookup + scatter of audio and
+vision features, chunked prefill of the new tokens only, then token-by-token decode with sampling and streaming.
+Follow-up turns reuse the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from minicpm.errors import UserError
 from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer, timing_stats
 from minicpm.modeling import video_inputs, vision_inputs
 from minicpm.prompt import Prompt
+from runtime.audio_chunks import AudioChunker, AudioStepSpec
 from runtime.backends import default_backend, open_backend
 from runtime.manifest import artifact_path, read_manifest
 
@@ -83,46 +85,97 @@ class Session:
         if hasattr(self.backend, "reset"):
             self.backend.reset()
         self.cache_len = 0  # filled KV slots
-        self.history = Prompt([], [], [])  # the tokens in those slots, with their image spans and images
+        self.history = Prompt([], [], [])  # the tokens in those slots, with their image/audio spans and inputs
         self.pending: list[int] = []  # a generated token not fed yet (an answer cut by max_new_tokens)
+        self.tts_template = False  # upstream re-renders with its TTS template once any message held audio
 
     def _append_history(self, turn: Prompt) -> None:
         offset = len(self.history.input_ids)
         self.history.input_ids.extend(turn.input_ids)
         self.history.image_bounds.extend((s + offset, e + offset) for s, e in turn.image_bounds)
         self.history.images.extend(turn.images)
+        self.history.audio_bounds.extend((s + offset, e + offset) for s, e in turn.audio_bounds)
+        self.history.audios.extend(turn.audios)
 
     # ----- one turn --------------------------------------------------------------------------------------
 
     def ask(self, messages: list[dict], sampling: SamplingConfig, on_text: Callable[[str], None] | None = None,
-            max_slice_nums: int | None = None, enable_thinking: bool = False) -> GenerationResult:
-        """Add `messages` (the new turn) to the conversation and generate the answer."""
+            max_slice_nums: int | None = None, enable_thinking: bool = False,
+            stream_input: bool | None = None) -> GenerationResult:
+        """Add `messages` (the new turn) to the conversation and generate the answer. `stream_input`: one audio
+        span per 1 s chunk (default: upstream chat()'s for the model)."""
+        turn = self.build_turn(messages, max_slice_nums, enable_thinking, stream_input)
+        self.check_room(len(turn.input_ids))
+        t0 = time.perf_counter()
+        audio, audio_calls = self._audio(turn)
+        t_audio = time.perf_counter()
+        features = self._vision(turn)
+        t_vision = time.perf_counter()
+        embeds = self.prompt_embeddings(turn.input_ids, len(self.pending))
+        offset = 0
+        for start, end in turn.audio_bounds:  # all clips' tokens, in order, over the audio spans in order
+            embeds[start:end] = audio[offset:offset + end - start]
+            offset += end - start
+        for (start, end), feats in zip(turn.image_bounds, features, strict=True):
+            embeds[start:end] = feats
+        logits = self.prefill(embeds)
+        self.commit(turn)
+        t_prefill = time.perf_counter()
+        generated, text, finish = self.decode(logits, sampling, on_text)
+        audio_stats = {"audio_chunks": audio_calls,
+                       "audio_ms_per_chunk": round((t_audio - t0) * 1000 / audio_calls, 2)} if audio_calls else {}
+        stats = {**timing_stats(turn, generated, t_audio, t_vision, t_prefill, time.perf_counter(), t_audio - t0),
+                 **audio_stats, **self.turn_stats(finish), "time_to_first_token_ms": round((t_prefill - t0) * 1000, 2)}
+        return GenerationResult(generated, text, stats)
+
+    def listen(self, enable_thinking: bool = False):
+        """Start a user turn spoken live (MiniCPM-o): returns a `runtime.live_audio.LiveAudioTurn`; `feed()` it
+        samples as they arrive (each finished 1 s chunk is encoded and prefilled at once), then `answer()`."""
+        from runtime.live_audio import LiveAudioTurn  # noqa: PLC0415
+
+        return LiveAudioTurn(self, enable_thinking)
+
+    # ----- the parts of a turn (shared with runtime.live_audio) -----------------------------------------
+
+    def build_turn(self, messages: list[dict], max_slice_nums: int | None = None, enable_thinking: bool = False,
+                   stream_input: bool | None = None, first: bool | None = None) -> Prompt:
+        """The new turn's prompt: the whole prompt on an empty cache (or `first`), else the continuation, led by
+        a pending generated token (an answer cut by max_new_tokens) that was never fed."""
         max_slices = max_slice_nums or self.manifest["preprocessing"]["max_slice_nums"]
         prompts = self.checkpoint.prompts
-        if self.cache_len == 0 and not self.pending:
-            turn = prompts.build(messages, max_slice_nums=max_slices, enable_thinking=enable_thinking)
-        else:
-            turn = prompts.build_turn(messages, len(self.history.images), max_slice_nums=max_slices,
-                                      enable_thinking=enable_thinking)
-            turn = Prompt(self.pending + turn.input_ids,
-                          [(s + len(self.pending), e + len(self.pending)) for s, e in turn.image_bounds],
-                          turn.images, turn.text)
-        needed = self.cache_len + len(turn.input_ids)
+        if first if first is not None else (self.cache_len == 0 and not self.pending):
+            return prompts.build(messages, max_slice_nums=max_slices, enable_thinking=enable_thinking,
+                                 stream_input=stream_input)
+        turn = prompts.build_turn(messages, len(self.history.images), max_slice_nums=max_slices,
+                                  enable_thinking=enable_thinking, stream_input=stream_input,
+                                  tts_template=self.tts_template or None)
+        n = len(self.pending)
+        return Prompt(self.pending + turn.input_ids, [(s + n, e + n) for s, e in turn.image_bounds], turn.images,
+                      turn.text, [(s + n, e + n) for s, e in turn.audio_bounds], turn.audios)
+
+    def check_room(self, tokens: int) -> None:
+        needed = self.cache_len + tokens
         if needed > self.max_context:
             raise ContextFull(f"context full: the conversation needs {needed} tokens before answering, the export "
                               f"holds {self.max_context} (/reset, or re-export with a larger --max-context)")
-        t0 = time.perf_counter()
-        features = self._vision(turn)
-        t_vision = time.perf_counter()
-        embeds = self._embed(turn.input_ids, self.manifest["schedule"]["prompt_embedding_scale"])
-        embeds[: len(self.pending)] = self._embed(self.pending, self.manifest["schedule"]["generated_embedding_scale"])
-        for (start, end), feats in zip(turn.image_bounds, features, strict=True):
-            embeds[start:end] = feats
-        logits = self._prefill(embeds)
+
+    def prompt_embeddings(self, ids: list[int], generated: int = 0) -> np.ndarray:
+        """Prompt embeddings [n, H]; the first `generated` ids are generated tokens (embedded without the scale)."""
+        schedule = self.manifest["schedule"]
+        embeds = self._embed(ids, schedule["prompt_embedding_scale"])
+        embeds[:generated] = self._embed(ids[:generated], schedule["generated_embedding_scale"])
+        return embeds
+
+    def commit(self, turn: Prompt) -> None:
+        """The turn's tokens are in the cache: record them."""
         self._append_history(turn)
         self.pending = []
-        t_prefill = time.perf_counter()
+        self.tts_template = self.tts_template or bool(turn.audios)
 
+    def decode(self, logits: np.ndarray, sampling: SamplingConfig, on_text: Callable[[str], None] | None
+               ) -> tuple[list[int], str, str]:
+        """Sample from the prefill's logits, then token by token until a stop token, max_new_tokens or a full
+        context. Returns (tokens, text, finish reason)."""
         sampler, streamer = Sampler(sampling), TextStreamer(self.checkpoint.tokenizer, on_text)
         stop, generated, finish = set(self.manifest["tokenizer"]["stop_ids"]), [], "length"
         while True:
@@ -143,15 +196,30 @@ class Session:
                                   "/reset, or re-export with a larger --max-context")
             logits = self._run_llm(self._embed([token], self.manifest["schedule"]["generated_embedding_scale"]), 1)
             self._append_history(Prompt([token], [], []))
-        t_end = time.perf_counter()
-        text = streamer.end()
-        stats = {**timing_stats(turn, generated, t0, t_vision, t_prefill, t_end),
-                 "context_tokens": self.cache_len, "finish_reason": finish,
-                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                 "backend": self.backend.name}
-        return GenerationResult(generated, text, stats)
+        return generated, streamer.end(), finish
+
+    def turn_stats(self, finish: str) -> dict:
+        return {"context_tokens": self.cache_len, "finish_reason": finish,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "backend": self.backend.name}
 
     # ----- steps -----------------------------------------------------------------------------------------
+
+    def _audio(self, turn: Prompt) -> tuple[np.ndarray, int]:
+        """The audio tokens of every clip of the turn, concatenated in order ([t, H]), and the audio step calls:
+        each clip through the export's audio step, 1 s chunk by chunk with its encoder cache."""
+        hidden = self.manifest["model"]["hidden_size"]
+        if not turn.audios:
+            return np.zeros((0, hidden), dtype=np.float32), 0
+        if "audio" not in self.manifest["schedule"]["steps"]:
+            raise UserError(f"this {self.manifest['model']['variant']} export has no audio step (audio needs a "
+                            "MiniCPM-o export)")
+        spec, out, calls = AudioStepSpec.from_manifest(self.manifest), [], 0
+        for clip in turn.audios:
+            chunker = AudioChunker(spec, self.dtype, getattr(self.backend, "owns_audio_cache", False))
+            out.append(chunker.encode(clip.features, True, self.backend.audio))
+            calls += chunker.calls
+        return np.concatenate(out), calls
 
     def _vision(self, turn: Prompt) -> list[np.ndarray]:
         """One feature block per placeholder span, in prompt order: image slices in batches of the vision
@@ -197,7 +265,7 @@ class Session:
         """Vision inputs as numpy, float ones in the export's dtype (position ids stay int64)."""
         return {k: v.numpy().astype(self.dtype) if v.is_floating_point() else v.numpy() for k, v in batch.items()}
 
-    def _prefill(self, embeds: np.ndarray) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
         """Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token."""
         logits = None
         for start in range(0, len(embeds), self.chunk):

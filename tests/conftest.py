@@ -44,6 +44,49 @@ def tiny():
     return get
 
 
+class Exports:
+    """Export directories shared by every test module: `exports(fmt, model, *args)` runs `python -m export.<fmt>
+    --model model --out DIR *args` once per distinct command in the session (its own process, two at a time) and
+    returns DIR; `exports.start(...)` begins one in the background."""
+
+    def __init__(self, root: Path, tiny_path):
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        self.root, self.tiny_path, self.futures = root, tiny_path, {}
+        self.pool = ThreadPoolExecutor(max_workers=2)
+
+    def start(self, fmt: str, model: str | Path, *args: str):
+        key = (fmt, str(model), *map(str, args))
+        if key not in self.futures:
+            if str(model).startswith("tiny-"):
+                self.tiny_path(str(model))  # built here, before two export processes race for it
+            out = self.root / f"{fmt}-{len(self.futures)}-{Path(str(model)).name}"
+            self.futures[key] = self.pool.submit(self._run, [*key[:1], *key[1:]], out)
+        return self.futures[key]
+
+    def __call__(self, fmt: str, model: str | Path, *args: str) -> Path:
+        return self.start(fmt, model, *args).result()
+
+    @staticmethod
+    def _run(key: list[str], out: Path) -> Path:
+        import subprocess  # noqa: PLC0415
+        import sys  # noqa: PLC0415
+
+        fmt, model, *args = key
+        cmd = [sys.executable, "-m", f"export.{fmt}", "--model", model, "--out", str(out), *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
+        (out / "summary.txt").write_text(r.stdout)  # the summary table; not in the manifest, ignored by runtimes
+        return out
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, tiny_path):
+    pool = Exports(tmp_path_factory.mktemp("exports"), tiny_path)
+    yield pool
+    pool.pool.shutdown(wait=True, cancel_futures=True)
+
+
 V45_MAX_CONTEXT, V45_CHUNK = 1024, 64
 V45_EXPORTS = {  # format -> extra exporter arguments: float weights, so the eager reference runs the same ones
     "onnx": [],
@@ -70,6 +113,7 @@ def v45_exports(tmp_path_factory, tiny_path):
                "--max-context", str(V45_MAX_CONTEXT), "--prefill-chunk", str(V45_CHUNK), *V45_EXPORTS[fmt]]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
+        (out / "summary.txt").write_text(r.stdout)  # the summary table; not in the manifest, ignored by runtimes
         return out
 
     pool = ThreadPoolExecutor(max_workers=2)
@@ -113,3 +157,15 @@ def encode_video(path, frames: int, fps: int, width: int = 64, height: int = 48,
         for p in s.encode():
             c.mux(p)
     return str(path)
+
+
+def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A deterministic voiced-like signal: a gliding harmonic tone under a syllable envelope, plus noise; the seed
+    picks the pitch, the syllable rate and the noise."""
+    rng = np.random.RandomState(seed)
+    base, syllables = rng.uniform(90, 260), rng.uniform(2, 6)
+    t = np.arange(round(seconds * rate)) / rate
+    f0 = base * (1 + 0.25 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6)) * np.sin(np.pi * syllables * t) ** 2
+    return (0.3 * voice + 0.01 * rng.randn(t.size)).astype(np.float32)

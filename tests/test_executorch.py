@@ -11,7 +11,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,26 +54,11 @@ MARGIN_TOLERANCE = 0.5
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, private_cache, tiny_path):
-    """key -> export directory; every export runs in its own process, two at a time."""
-    for name in {model for model, _ in EXPORTS.values()}:
-        tiny_path(name)  # build the checkpoints once, before two processes race for them
-    root = tmp_path_factory.mktemp("executorch")
-
-    def run(key: str) -> Path:
-        model, extra = EXPORTS[key]
-        out = root / key
-        cmd = [sys.executable, "-m", "export.executorch", "--model", model, "--out", str(out),
-               "--max-context", str(MAX_CONTEXT), *extra]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-        (out / "summary.txt").write_text(r.stdout)  # not listed in the manifest: ignored by the runtime
-        return out
-
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {key: pool.submit(run, key) for key in EXPORTS}
-    yield lambda key: futures[key].result()
-    pool.shutdown(wait=True, cancel_futures=True)
+def exported(exports):
+    """key -> export directory (the session's shared exports; all of them started at once, two at a time)."""
+    for model, extra in EXPORTS.values():
+        exports.start("executorch", model, "--max-context", str(MAX_CONTEXT), *extra)
+    return lambda key: exports("executorch", EXPORTS[key][0], "--max-context", str(MAX_CONTEXT), *EXPORTS[key][1])
 
 
 def reference_tokens(ckpt, model, messages, max_new_tokens=32) -> list[int]:
@@ -372,3 +356,60 @@ def test_generate_defaults_to_the_exports_own_runtime(exported):
     assert result["stats"]["backend"] == "executorch"
     expected = Session(out, "executorch").ask([{"role": "user", "content": "Hi"}], SamplingConfig(max_new_tokens=4))
     assert result["token_ids"] == expected.token_ids
+
+
+# ----- audio (MiniCPM-o) --------------------------------------------------------------------------------
+
+
+def test_audio_encoder_matches_audio_chunk_step(exported, tiny):
+    """`audio_encoder` through the backend, chunk by chunk with its cache in the program, against AudioChunkStep
+    with a host-held cache; its buffers and the LLM's never touch each other (live audio interleaves them)."""
+    from export.bundle import audio_example
+    from minicpm.split import AudioChunkStep
+
+    out = exported("tiny-minicpm-o-4.5")
+    manifest = read_manifest(out)
+    assert manifest["schedule"]["steps"]["audio"]["function"] == "audio_encoder"
+    assert manifest["schedule"]["steps"]["audio"]["artifact"] == "program"
+    assert manifest["schedule"]["audio_cache"]["location"] == "program mutable buffers"
+    assert manifest["parity"]["audio"] < 1e-4
+    _, model = tiny("tiny-minicpm-o-4.5")
+    session = Session(out)
+    backend = session.backend
+    assert backend.name == "executorch" and backend.owns_audio_cache
+    session.ask([{"role": "user", "content": "Hi"}], SamplingConfig(max_new_tokens=2))
+    llm_cache = [b.clone() for b in backend.cache]
+    assert any(float(b.abs().sum()) > 0 for b in llm_cache)
+    step = AudioChunkStep(model).eval()
+    empty = np.zeros((0,), dtype=np.float32)
+    for chunk in audio_example(model):  # first, middle (filled cache), short last
+        with torch.no_grad():
+            expected = step(**chunk)[0].numpy()
+        inputs = {k: v.numpy() for k, v in chunk.items() if not k.startswith("past_")}
+        tokens, new_keys, new_values = backend.audio(**inputs, past_keys=empty, past_values=empty)
+        assert new_keys is None and new_values is None and tokens.shape == expected.shape
+        assert np.abs(tokens - expected).max() < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(backend.cache, llm_cache, strict=True))
+    audio_cache = [backend.audio_method._method.get_attribute(f"audio_{kind}_cache_{i}")  # aliases the program's
+                   for i in range(len(model.apm.layers)) for kind in ("k", "v")]
+    written = [b.clone() for b in audio_cache]
+    assert all(float(b.abs().sum()) > 0 for b in written)
+    session.ask([{"role": "user", "content": "Tell me more."}], SamplingConfig(max_new_tokens=2))
+    assert all(torch.equal(a, b) for a, b in zip(audio_cache, written, strict=True))
+
+
+def test_audio_message_tokens_match_eager_reference(exported, tiny, tmp_path):
+    """A 2.3 s speech-like clip (3 chunks, the last one short) + a question through the export's own runtime:
+    the greedy tokens equal eager generate's."""
+    import soundfile as sf
+
+    rng = np.random.RandomState(0)
+    t = np.arange(int(16000 * 2.3)) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.1 * np.sin(2 * np.pi * 660 * t)
+    sf.write(tmp_path / "clip.wav", (wave + 0.05 * rng.randn(len(t))).astype(np.float32), 16000)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / "clip.wav")},
+                                             "What did you hear?"]}]
+    ckpt, model = tiny("tiny-minicpm-o-4.5")
+    got = Session(exported("tiny-minicpm-o-4.5")).ask(messages, SamplingConfig(max_new_tokens=16))
+    assert got.stats["audio_chunks"] == 3
+    assert got.token_ids == reference_tokens(ckpt, model, messages, max_new_tokens=16)

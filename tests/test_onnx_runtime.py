@@ -22,20 +22,9 @@ MAX_CONTEXT = 640
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, private_cache):
-    """name -> export directory (each tiny model exported once per module)."""
-    from export.onnx import main
-
-    done = {}
-
-    def get(name: str):
-        if name not in done:
-            out = tmp_path_factory.mktemp("onnx") / name
-            assert main(["--model", name, "--out", str(out), "--max-context", str(MAX_CONTEXT)]) == 0
-            done[name] = out
-        return done[name]
-
-    return get
+def exported(exports):
+    """name -> export directory (shared with the other modules through the session's `exports`)."""
+    return lambda name: exports("onnx", name, "--max-context", str(MAX_CONTEXT))
 
 
 IMAGES = [noise_image(200, 150, 1), noise_image(640, 480, 2), noise_image(300, 900, 3)]  # last two are sliced
