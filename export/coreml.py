@@ -1,4 +1,5 @@
-"""`python -m export.coreml`: the vision step and the LLM as Core ML packages, plus the manifest.
+"""`python -m export.coreml`: the vision step, the LLM (and MiniCPM-o's audio step) as Core ML packages, plus
+the manifest.
 
     python -m export.coreml --model M --out DIR [--quant int4-awq|int4-rtn|none] [--group-size G]
         [--prefill-chunk N] [--max-context N] [--precision fp16|fp32] [--lm-head int8|fp16]
@@ -18,6 +19,14 @@ Packages (ML programs for iOS 18 / macOS 15; they convert on Linux, run only on 
   last_index [1] int32 -> logits [1,V] of that row. The KV cache is Core ML state: `k_cache_{i}` /
   `v_cache_{i}` per layer, [1, kv_heads, C + S, head_dim] float16 (S = prefill chunk), shared by both
   functions through one `make_state()`.
+- `audio.mlpackage` (MiniCPM-o): one 1 s chunk per call, the ONNX audio graph's inputs without the cache: mel
+  [1,80,2C+3], conv_mask [1,2C+1], position_ids [C] int32, attention_mask [1,1,C,P+C] -> tokens [C/pool,H]
+  (C = 50 encoder frames, P = 1500 positions). The encoder cache is state: `k_cache_{i}` / `v_cache_{i}` per
+  encoder layer, [1, heads, P, head_dim] float16, the chunk's K/V written at slots position_ids[0] + [0, C) and
+  the mask's C new columns moved there, as for the LLM. Stale slots of an earlier clip are masked, so one
+  `make_state()` serves every clip. Float weights, fp16 compute (int4 of the audio encoder is opt-in and not
+  built yet). Core ML states are float16 only, so its parity is measured with that state and, as
+  `parity.audio_fp32_state`, with the same graph's float32 state.
 
 Write position. The T new K/V go to slots position_ids[0,0] + [0, T): the first new position is the number
 of filled slots (runtime/session.py keeps slot == position), so no extra input is needed and the host builds
@@ -66,6 +75,8 @@ from tqdm import tqdm
 from export.bundle import (
     VIDEO_FRAME_SLOTS,
     add_export_arguments,
+    audio_example,
+    audio_step,
     build_manifest,
     check_export_arguments,
     copy_model_files,
@@ -81,13 +92,14 @@ from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
+from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
 from runtime.manifest import sha256_tree, write_manifest
 
 GENERATOR = "minicpm-mobile 0.1.0"
 VISION_INPUTS = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
 LLM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index")
+AUDIO_INPUTS = ("mel", "conv_mask", "position_ids", "attention_mask")
 FUNCTIONS = ("prefill", "decode")
 COMPRESSION = {"format": "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"}
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -150,6 +162,52 @@ class StatefulLanguageModel(nn.Module):
 
     def reset(self) -> None:
         """Empty the cache (what a fresh `make_state()` is on device)."""
+        for name in self.state_names:
+            getattr(self, name).zero_()
+
+
+class StatefulAudioEncoder(nn.Module):
+    """`AudioChunkStep` with the encoder cache in buffers that become Core ML states (MiniCPM-o; see the module
+    docstring): mel [1,n_mels,2C+3], conv_mask [1,2C+1], position_ids [C] int64, attention_mask [1,1,C,P+C]
+    additive -> tokens [C/pool, H]. `state_dtype` float16 is what Core ML stores (its states are fp16 only);
+    float32 gives the same graph's full-precision reference."""
+
+    def __init__(self, step: AudioChunkStep, state_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.step = step.eval()
+        self.layers, self.chunk = len(step.apm.layers), step.chunk
+        self.positions = step.apm.embed_positions.weight.shape[0]
+        shape = (1, step.heads, self.positions, step.head_dim)
+        for i in range(self.layers):  # one state per layer and tensor, as the LLM's
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=state_dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=state_dtype), persistent=False)
+
+    @property
+    def state_names(self) -> list[str]:
+        return [f"{kind}_cache_{i}" for i in range(self.layers) for kind in ("k", "v")]
+
+    def forward(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        frames, slots = self.chunk, self.positions
+        start = position_ids[0].item()  # encoder frames of the piece already in the cache
+        torch._check(start >= 0)
+        torch._check(start <= slots - frames)
+        # The host's keys are [P cache slots | C new frames]; the state's are the P slots with the new frames
+        # written at theirs, so the new frames' mask columns move there (those slots are masked in the first P).
+        mask = torch.slice_scatter(attention_mask[..., :slots], attention_mask[..., slots:], dim=3, start=start,
+                                   end=start + frames)
+
+        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            # read_state -> slice_update(begin = start) -> coreml_update_state, as the LLM's cache write
+            keys.copy_(torch.slice_scatter(keys, k.to(keys.dtype), dim=2, start=start, end=start + frames))
+            values.copy_(torch.slice_scatter(values, v.to(values.dtype), dim=2, start=start, end=start + frames))
+            return keys.to(k.dtype), values.to(v.dtype)
+
+        return self.step.run_layers(mel, conv_mask, position_ids, mask, attend_over)
+
+    def reset(self) -> None:
+        """Zero the cache (a fresh `make_state()`; never needed for correctness: stale slots are masked)."""
         for name in self.state_names:
             getattr(self, name).zero_()
 
@@ -479,6 +537,60 @@ def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: 
     return paths
 
 
+# ----- audio (MiniCPM-o) -----------------------------------------------------------------------------------
+
+
+def audio_tensor_types(ct, args: argparse.Namespace, wrapper: StatefulAudioEncoder, n_mels: int) -> list:
+    floating, frames = _np_float(args), wrapper.chunk
+    return [ct.TensorType(name="mel", shape=(1, n_mels, 2 * frames + 3), dtype=floating),
+            ct.TensorType(name="conv_mask", shape=(1, 2 * frames + 1), dtype=floating),
+            ct.TensorType(name="position_ids", shape=(frames,), dtype=np.int32),
+            ct.TensorType(name="attention_mask", shape=(1, 1, frames, wrapper.positions + frames), dtype=floating)]
+
+
+@torch.no_grad()
+def chunks_error(module: nn.Module, examples: list[dict], expected: list[torch.Tensor]) -> float:
+    """Max |token difference| of a stateful audio module fed `examples` in order (its state carries the cache)
+    against the stateless step's tokens."""
+    return max(max_abs_error(module(*(e[n] for n in AUDIO_INPUTS)), ref) for e, ref in zip(examples, expected,
+                                                                                             strict=True))
+
+
+@torch.no_grad()
+def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict) -> tuple[Path, dict]:
+    """audio.mlpackage; returns its path and the errors over the three chunks of `audio_example` against the
+    stateless `AudioChunkStep` with its host float32 cache: the exported program (float16 state, what is
+    converted) as "audio", the same graph with float32 state as "audio_fp32_state"."""
+    step = AudioChunkStep(model).eval()
+    examples = audio_example(model)
+    expected = [step(**e)[0] for e in examples]
+    wrapper = StatefulAudioEncoder(step)
+    program = export_program(wrapper, tuple(examples[0][n] for n in AUDIO_INPUTS))
+    errors = {"audio": chunks_error(program.module(), examples, expected),
+              "audio_fp32_state": chunks_error(StatefulAudioEncoder(step, torch.float32), examples, expected)}
+    wrapper.reset()  # the program's module writes the wrapper's buffers
+    mlmodel = convert(ct, program, audio_tensor_types(ct, args, wrapper, model.apm.num_mel_bins),
+                      [ct.TensorType(name="tokens", dtype=_np_float(args))], args, fp32_ops=False, what="audio step")
+    del program
+    path = out / "audio.mlpackage"
+    _save(mlmodel, path, f"MiniCPM-o audio: one 1 s chunk ({wrapper.chunk} encoder frames) -> "
+          f"{wrapper.chunk // step.pool} tokens, encoder cache as state",
+          {**metadata, "function": "audio", "chunk_frames": wrapper.chunk, "state_slots": wrapper.positions,
+           "states": "k_cache_{layer}, v_cache_{layer}"})
+    return path, errors
+
+
+def audio_state(model: MiniCPMV) -> dict:
+    """`schedule.coreml.audio_state`: the audio package's states (as StatefulAudioEncoder registers them)."""
+    step, layers = AudioChunkStep(model), len(model.apm.layers)
+    positions = step.apm.embed_positions.weight.shape[0]
+    return {"names": [f"{kind}_cache_{i}" for i in range(layers) for kind in ("k", "v")], "layers": layers,
+            "shape": [1, step.heads, positions, step.head_dim], "dtype": "float16", "slots": positions,
+            "write_position": "the chunk's C new K/V go to slots position_ids[0] + [0, C) (= encoder frames of the "
+                              "piece already encoded); the graph moves the mask's C new columns there",
+            "reset": "none needed: slots of earlier clips are masked; a fresh make_state() per backend"}
+
+
 def merge_functions(ct, parts: dict[str, Path], path: Path, default: str, description: str, metadata: dict) -> None:
     """One multifunction package: identical weights are stored once (const deduplication across functions)."""
     desc = ct.utils.MultiFunctionDescriptor()
@@ -613,7 +725,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ct = import_coremltools()
-    progress = tqdm(total=8, desc="export.coreml", unit="step")
+    progress = tqdm(total=9, desc="export.coreml", unit="step")
     progress.set_postfix_str("loading checkpoint, quantising" if args.quant != "none" else "loading checkpoint")
     ckpt = Checkpoint.open(args.model)
     model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
@@ -636,6 +748,14 @@ def main(argv: list[str] | None = None) -> int:
         # The vision weights are not needed any more: release them before the LLM is traced.
         del model.vpm, model.resampler
         gc.collect()
+        progress.update()
+
+        if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
+            t = time.perf_counter()
+            progress.set_postfix_str("audio package")
+            audio, errors = export_audio(ct, model, out, args, metadata)
+            parity.update(errors)
+            rows.append(("audio.mlpackage", tree_size(audio), errors["audio"], time.perf_counter() - t))
         progress.update()
 
         progress.set_postfix_str("embedding table, tokenizer")
@@ -662,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
         parts_dir = out / ".functions"
         parts_dir.mkdir()
         parts = export_llm_functions(ct, wrapper, parts_dir, args, progress)
-        # Both functions are on disk: release the torch weights before the merge loads the two programs.
-        del wrapper, model
+        # Both functions are on disk: release the LLM weights before the merge loads the two programs (the
+        # model object stays for the manifest's audio facts).
+        del wrapper, model.llm
         gc.collect()
         progress.set_postfix_str("llm: multifunction package")
         llm = out / "llm.mlpackage"
@@ -678,28 +799,33 @@ def main(argv: list[str] | None = None) -> int:
         progress.set_postfix_str("manifest")
         artifacts["vision"] = package_entry(out, vision)
         artifacts["llm"] = package_entry(out, llm)
+        if "audio" in parity:
+            artifacts["audio"] = package_entry(out, audio)
         steps = {"vision": {"artifact": "vision", "function": "main", "batch": 1},
                  **({"video": {"artifact": "vision", "function": "video", "frames": VIDEO_FRAME_SLOTS, "batch": 1}}
                     if "video" in parity else {}),
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
-                 "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
+                 "decode": {"artifact": "llm", "function": "decode", "tokens": 1},
+                 **({"audio": audio_step(model, "audio", "main")} if "audio" in parity else {})}
         written = quant.int4_layers + quant.int8_layers
         manifest = build_manifest("coreml", ckpt, args.model, artifacts, files, args, dtype_name,
-                                  parity, quant.manifest(**COMPRESSION if written else {}), steps)
+                                  parity, quant.manifest(**COMPRESSION if written else {}), steps, model=model)
         manifest["schedule"]["coreml"] = {
             "target": args.target,
             "compute_units": {"vision": "cpu_and_ne" if args.ane_vision else args.compute_units,
-                              "llm": args.compute_units},
+                              "llm": args.compute_units,
+                              **({"audio": args.compute_units} if "audio" in parity else {})},
             "ane_vision": args.ane_vision,
             "state": {"names": state_names, "layers": layers, "shape": state_shape, "dtype": "float16",
                       "slots": slots, "slack_slots": args.prefill_chunk,
                       "reset": "a fresh make_state() (zeros) per conversation; both functions share it"},
+            **({"audio_state": audio_state(model)} if "audio" in parity else {}),
             "write_position": "the T new K/V go to state slots position_ids[0,0] + [0, T): the first new "
                               "position is the number of filled slots",
             "attention_mask": "[1,1,T,C+T] additive, as for ONNX (C cache slots, then the T new tokens); the "
                               "graph moves the new tokens' columns onto their slots and masks the slack",
             "inputs": "float inputs in the model dtype, position_ids / last_index int32; the vision package "
-                      "takes one slice per call",
+                      "takes one slice per call, the audio package one 1 s chunk",
         }
         write_manifest(out, manifest)
         write_readme(out, manifest)  # the export is an Xcode bundle as it is (ios_bridge.bundle)

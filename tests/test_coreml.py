@@ -21,9 +21,10 @@ import torch
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig, generate
+from runtime.audio_chunks import AudioChunker, AudioStepSpec
 from runtime.manifest import read_manifest
 from runtime.session import Session
-from tests.conftest import noise_image
+from tests.conftest import noise_image, speechlike
 
 ct = pytest.importorskip("coremltools")
 
@@ -43,6 +44,7 @@ class Export:
     vision: torch.nn.Module | None = None
     llm: torch.nn.Module | None = None
     llm_tokens: list[int] = field(default_factory=list)
+    audio: torch.nn.Module | None = None  # MiniCPM-o: the stateful audio encoder
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,8 @@ def exported(tmp_path_factory, private_cache):
             if isinstance(module, exporter.StatefulLanguageModel):
                 run.llm = module
                 run.llm_tokens.append(args[0].shape[1])
+            elif isinstance(module, exporter.StatefulAudioEncoder):
+                run.audio = module
             else:
                 run.vision = module
             return export_program(module, args)
@@ -102,12 +106,16 @@ class TorchStatefulBackend:
 
     name = "torch-stateful"
     owns_cache = True
+    owns_audio_cache = True  # MiniCPM-o: the audio encoder's cache is the module's state, one chunk per call
 
-    def __init__(self, vision: torch.nn.Module, llm: torch.nn.Module, tokens: list[int]):
-        self.vision_step, self.llm_step, self.tokens = vision, llm, set(tokens)
+    def __init__(self, vision: torch.nn.Module, llm: torch.nn.Module, tokens: list[int],
+                 audio: torch.nn.Module | None = None):
+        self.vision_step, self.llm_step, self.tokens, self.audio_step = vision, llm, set(tokens), audio
 
     def reset(self) -> None:
         self.llm_step.reset()
+        if self.audio_step is not None:
+            self.audio_step.reset()
 
     @torch.no_grad()
     def vision(self, **inputs: np.ndarray) -> np.ndarray:
@@ -126,10 +134,20 @@ class TorchStatefulBackend:
         feed = {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
         return self.llm_step(**feed).numpy(), None, None
 
+    @torch.no_grad()
+    def audio(self, **inputs: np.ndarray):
+        assert inputs["past_keys"].shape == inputs["past_values"].shape == (0,)  # the cache is the state
+        feed = {k: torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in AUDIO_INPUTS}
+        feed = {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
+        return self.audio_step(**feed).numpy(), None, None
+
+
+AUDIO_INPUTS = ("mel", "conv_mask", "position_ids", "attention_mask")
+
 
 def stateful_session(run: Export) -> Session:
     # the Core ML export's manifest, tokenizer and embedding table, with the converter's modules as the backend
-    return Session(run.out, TorchStatefulBackend(run.vision, run.llm, run.llm_tokens))
+    return Session(run.out, TorchStatefulBackend(run.vision, run.llm, run.llm_tokens, run.audio))
 
 
 # ----- (a) the converter's torch modules against the eager reference -------------------------------------
@@ -427,6 +445,130 @@ def test_quant_none_lm_head_choice_and_record_checks(private_cache):
         language_model(model, records, 64, 16)
 
 
+# ----- (e) MiniCPM-o audio: one 1 s chunk per call, the encoder cache as state -------------------------------
+
+AUDIO = "tiny-minicpm-o-4.5"
+
+
+def _audio_dims(model) -> tuple[int, int, int, int, int, int]:
+    """layers, heads, head_dim, chunk (encoder frames), pool, positions of the model's audio step."""
+    attn = model.apm.layers[0].self_attn
+    return (len(model.apm.layers), attn.num_heads, attn.head_dim, model.config.audio_chunk_frames,
+            model.config.audio_pool_step, model.apm.max_source_positions)
+
+
+def test_audio_package_io_and_states(exported, tiny):
+    run = exported(AUDIO)
+    _, model = tiny(AUDIO)
+    layers, heads, head_dim, chunk, pool, positions = _audio_dims(model)
+    spec = ct.utils.load_spec(str(run.out / "audio.mlpackage"))
+    assert spec.specificationVersion >= 9  # iOS 18: states
+    desc = spec.description
+    assert len(desc.functions) == 0  # a single-function package (main)
+    inputs = _tensors(desc.input)
+    assert list(inputs) == list(AUDIO_INPUTS)
+    assert inputs == {"mel": ((1, model.apm.num_mel_bins, 2 * chunk + 3), "FLOAT16"),
+                      "conv_mask": ((1, 2 * chunk + 1), "FLOAT16"), "position_ids": ((chunk,), "INT32"),
+                      "attention_mask": ((1, 1, chunk, positions + chunk), "FLOAT16")}
+    assert _tensors(desc.output) == {"tokens": ((chunk // pool, model.config.hidden_size), "FLOAT16")}
+    states = _tensors(desc.state, "state")
+    assert list(states) == [f"{kind}_cache_{i}" for i in range(layers) for kind in "kv"]
+    assert set(states.values()) == {((1, heads, positions, head_dim), "FLOAT16")}
+    assert desc.metadata.userDefined["state_slots"] == str(positions)
+    function = _program(run.out / "audio.mlpackage").functions["main"]
+    ops = [op.op_type for op in function.operations]
+    # every state read once, written once through a slice_update at the dynamic slot (+ the mask's columns)
+    assert ops.count("read_state") == ops.count("coreml_update_state") == 2 * layers
+    assert ops.count("slice_update") == 2 * layers + 1
+    assert "scatter" not in ops and "scatter_nd" not in ops
+    assert "constexpr_blockwise_shift_scale" not in ops  # the audio encoder stays float
+    assert all(op.outputs[0].dtype == ct.converters.mil.mil.types.fp16 for op in function.find_ops(op_type="matmul"))
+
+
+def test_audio_manifest_entries_and_parity(exported, tiny):
+    from export.bundle import audio_example
+    from export.coreml import chunks_error
+    from minicpm.split import AudioChunkStep
+
+    run = exported(AUDIO)
+    _, model = tiny(AUDIO)
+    layers, heads, head_dim, chunk, pool, positions = _audio_dims(model)
+    manifest = read_manifest(run.out)
+    schedule, names = manifest["schedule"], [f"{kind}_cache_{i}" for i in range(layers) for kind in "kv"]
+    assert schedule["steps"]["audio"] == {"artifact": "audio", "function": "main", "frames": chunk,
+                                          "tokens": chunk // pool, "pool": pool}
+    assert schedule["audio_cache"]["shape"] == [layers, heads, positions, head_dim]
+    assert manifest["preprocessing"]["audio"]["n_mels"] == model.apm.num_mel_bins
+    artifact = manifest["artifacts"]["audio"]
+    assert artifact["path"] == "audio.mlpackage" and [t["name"] for t in artifact["inputs"]] == list(AUDIO_INPUTS)
+    assert artifact["functions"]["main"]["states"] == [
+        {"name": n, "shape": [1, heads, positions, head_dim], "dtype": "float16"} for n in names]
+    state = schedule["coreml"]["audio_state"]
+    assert state["names"] == names and state["shape"] == [1, heads, positions, head_dim]
+    assert state["slots"] == positions and schedule["coreml"]["compute_units"]["audio"] == "all"
+    # the manifest's number is the converted graph's (float16 state) over the three example chunks in order
+    step = AudioChunkStep(model).eval()
+    examples = audio_example(model)
+    with torch.no_grad():
+        expected = [step(**e)[0] for e in examples]
+    run.audio.reset()
+    assert chunks_error(run.audio, examples, expected) == pytest.approx(manifest["parity"]["audio"], abs=1e-7)
+    run.audio.reset()
+    assert manifest["parity"]["audio"] < 1e-3  # float16 state (Core ML's only state dtype) vs a float32 cache
+    assert manifest["parity"]["audio_fp32_state"] < 1e-5  # the same graph with float32 state
+
+
+def _encode_clips(module: torch.nn.Module, spec: AudioStepSpec, clips: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each clip through its own AudioChunker (owns_audio_cache), all on the module's one state (no reset)."""
+    backend = TorchStatefulBackend(None, None, [], module)
+    return [AudioChunker(spec, np.float32, owns_cache=True).encode(c.numpy(), True, backend.audio) for c in clips]
+
+
+def test_audio_state_through_the_chunker_equals_encode_audio(exported, tiny):
+    """A 2.3 s clip chunk by chunk on the converter's module equals the eager whole-clip encoding; a second,
+    shorter clip on the same state (no reset) gets its own tokens: the first clip's slots are masked exactly."""
+    from export.coreml import StatefulAudioEncoder
+
+    run = exported(AUDIO)
+    _, model = tiny(AUDIO)
+    spec = AudioStepSpec.from_manifest(read_manifest(run.out, verify=False))
+    gen = torch.Generator().manual_seed(5)
+    clips = [torch.randn(model.apm.num_mel_bins, 230, generator=gen),  # 2.3 s: chunks of 50, 50, 15 frames
+             torch.randn(model.apm.num_mel_bins, 120, generator=gen)]  # 1.2 s: 50, 10 frames
+    with torch.no_grad():
+        expected = [model.encode_audio(c[None]).numpy() for c in clips]
+    assert [len(e) for e in expected] == [23, 12]
+    # the same graph with float32 state: the eager encoding within 1e-4
+    for got, ref in zip(_encode_clips(StatefulAudioEncoder(run.audio.step, torch.float32), spec, clips), expected,
+                        strict=True):
+        assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    # the converted module itself (float16 state): within fp16 rounding of the cache
+    run.audio.reset()
+    both = _encode_clips(run.audio, spec, clips)
+    assert run.audio.k_cache_0[..., 100:150, :].abs().amax() > 0  # clip 1's last chunk is still in the state
+    for got, ref in zip(both, expected, strict=True):
+        assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
+    run.audio.reset()
+    alone = _encode_clips(run.audio, spec, clips[1:])
+    run.audio.reset()
+    assert np.array_equal(alone[0], both[1])  # stale slots: exact zero weights
+
+
+def test_audio_turn_through_the_converter_modules(exported, tmp_path):
+    """Session with an audio clip on the converter's modules (audio state, LLM state) = eager greedy tokens."""
+    import soundfile as sf
+
+    run = exported(AUDIO)
+    ckpt, model, _ = quantized_reference(AUDIO)
+    sf.write(tmp_path / "a.wav", speechlike(2.3), 16000)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / "a.wav")}, "What is it?"]}]
+    sampling = SamplingConfig(max_new_tokens=12)
+    got = stateful_session(run).ask(messages, sampling)
+    assert got.stats["audio_chunks"] == 3
+    reference = generate(model, ckpt.prompts.build(messages), ckpt.tokenizer, sampling, ckpt.stop_ids)
+    assert got.token_ids == reference.token_ids
+
+
 # ----- macOS: the packages themselves through Core ML -------------------------------------------------------
 
 
@@ -451,6 +593,20 @@ def test_packages_predict_like_the_converter_modules(exported, name):
     assert np.abs(got - expected).max() < 5e-2 * max(1.0, np.abs(expected).max())
     # the whole chain: greedy tokens of the packages = those of the converter's modules
     assert session.ask(messages, sampling).token_ids == reference.ask(messages, sampling).token_ids
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predict runs on macOS 15+ only")
+def test_audio_package_predicts_like_the_converter_module(exported):
+    run = exported(AUDIO)
+    session = Session(run.out, "coreml")
+    assert session.backend.owns_audio_cache
+    spec = AudioStepSpec.from_manifest(session.manifest)
+    clip = torch.randn(spec.n_mels, 230, generator=torch.Generator().manual_seed(5))
+    run.audio.reset()
+    expected = _encode_clips(run.audio, spec, [clip])[0]
+    run.audio.reset()
+    got = AudioChunker(spec, np.float16, owns_cache=True).encode(clip.numpy(), True, session.backend.audio)
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 5e-2 * max(1.0, np.abs(expected).max())
 
 
 def test_manifest_json_is_plain(exported):
