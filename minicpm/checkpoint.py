@@ -22,8 +22,9 @@ from minicpm.config import VARIANTS, MiniCPMConfig
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
 from minicpm.prompt import PromptBuilder, SpecialTokens, load_tokenizer
+from minicpm.v4_6 import SHORT_NAMES as HYBRID_SHORT_NAMES
 
-SHORT_NAMES = {v.hub_id.split("/")[1]: v.hub_id for v in VARIANTS}
+SHORT_NAMES = {v.hub_id.split("/")[1]: v.hub_id for v in VARIANTS} | HYBRID_SHORT_NAMES
 # Modules of the o-models that this package does not build (the speech head comes later).
 SKIPPED_PREFIXES = ("tts.",)
 # The audio encoder and projection: loaded strictly when the config initialises audio, skipped otherwise.
@@ -38,7 +39,8 @@ def resolve_model(name: str | os.PathLike) -> Path:
     name = str(name)
     if os.path.isdir(name):
         return Path(name)
-    from minicpm.tiny import TINY_MODELS, ensure_tiny  # noqa: PLC0415 (tiny imports this module)
+    from minicpm.tiny import ALL_TINY_MODELS as TINY_MODELS  # noqa: PLC0415 (tiny imports this module)
+    from minicpm.tiny import ensure_tiny  # noqa: PLC0415
 
     if name in TINY_MODELS:
         return ensure_tiny(name)

@@ -45,6 +45,9 @@ _NOT_LLM_KEYS = {"vision_config", "audio_config", "tts_config", "slice_config", 
 
 def find_variant(raw: dict) -> Variant:
     model_type = raw.get("model_type")
+    if model_type in ("minicpmv4_6", "minicpmv4_7"):
+        raise UserError(f"config.json: model_type {model_type!r} is a hybrid-attention MiniCPM-V (4.6/4.7): "
+                        "load it with minicpm.v4_6 (HybridCheckpoint, load_model)")
     if model_type not in ("minicpmv", "minicpmo"):
         raise UserError(f"config.json: model_type {model_type!r} is not a MiniCPM-V/o model "
                         "(expected 'minicpmv' or 'minicpmo')")

@@ -118,6 +118,10 @@ def _tiny_configs() -> dict[str, dict]:
 
 
 TINY_MODELS = list(_tiny_configs())
+# MiniCPM-V 4.6 / 4.7 (transformers' own classes, opened with minicpm.v4_6.HybridCheckpoint, not Checkpoint):
+# built by minicpm.v4_6.build_tiny into the same cache; `resolve_model` knows every name in ALL_TINY_MODELS.
+HYBRID_TINY_MODELS = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
+ALL_TINY_MODELS = TINY_MODELS + HYBRID_TINY_MODELS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,6 +226,10 @@ def _audio_and_tts_tensors(model: MiniCPMV, cfg: dict, gen: torch.Generator) -> 
 
 def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
     """Write the tiny checkpoint `name` into `out_dir` (created); weights from `seed` (default: its `SEEDS`)."""
+    if name in HYBRID_TINY_MODELS:
+        from minicpm.v4_6 import build_tiny as build_hybrid  # noqa: PLC0415 (v4_6 imports this module lazily)
+
+        return build_hybrid(name, out_dir, seed)
     seed = SEEDS.get(name, 0) if seed is None else seed
     configs = _tiny_configs()
     if name not in configs:
