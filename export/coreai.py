@@ -1,4 +1,5 @@
-"""`python -m export.coreai`: the vision step and the LLM as Core AI assets (`.aimodel`), plus the manifest.
+"""`python -m export.coreai`: the vision step, the LLM (and MiniCPM-o's audio step) as Core AI assets (`.aimodel`),
+plus the manifest.
 
     python -m export.coreai --model M --out DIR [--quant int4-awq|int4-rtn|none] [--group-size G]
         [--lm-head keep|int8] [--prefill-chunk N] [--max-context N] [--precision fp16|fp32]
@@ -23,6 +24,9 @@ Assets (directories; the manifest hashes them with runtime.manifest.sha256_tree)
   updates them in place: both functions get the same arrays, and zeroed arrays are a new conversation.
   The mask is moved onto the state inside the graph (new tokens' columns at their slots, slack masked), so the
   host builds the very mask it builds for ONNX and ExecuTorch.
+- `audio.aimodel` (MiniCPM-o), function `main`: one 1 s chunk per call, the ONNX audio graph's inputs without the
+  cache -> tokens; the encoder cache is its own Core AI state, written with `index_copy_` as the LLM's
+  (export/coreai_audio.py). Float weights.
 
 Weights. Every Linear is stored transposed, [in, out], and computed as x @ W_t (coreai-core's CPU runtime runs
 that ~30x faster than x @ W.T; same arithmetic). int4 records from quant/ (AWQ by default) are written bit for
@@ -58,6 +62,7 @@ from tqdm import tqdm
 from export.bundle import (
     VIDEO_FRAME_SLOTS,
     add_export_arguments,
+    audio_step,
     build_manifest,
     check_export_arguments,
     copy_model_files,
@@ -69,6 +74,7 @@ from export.bundle import (
     write_embedding_table,
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
+from export.coreai_audio import coreai_audio_state, export_audio, free_audio_weights
 from export.quantization import QUANT_METHODS, Quantization, quantized_model
 from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
@@ -381,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     del records
     transpose_linears(model)
     model.to(dtype)
-    progress = tqdm(total=4, desc="export.coreai", unit="step")
+    progress = tqdm(total=5, desc="export.coreai", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
         t = time.perf_counter()
@@ -393,6 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         artifacts["vision"] = asset_entry(vision, vision_io)
         del model.vpm, model.resampler  # the vision weights are done with: free them before the LLM
         gc.collect()
+        progress.update()
+
+        if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
+            t = time.perf_counter()
+            progress.set_postfix_str("audio asset")
+            audio, audio_io, parity["audio"] = export_audio(model, out, np_dtype)
+            rows.append(("audio.aimodel", tree_size(audio), parity["audio"], time.perf_counter() - t))
+            artifacts["audio"] = asset_entry(audio, {"main": audio_io})
+            free_audio_weights(model)  # as the vision weights (the modules' shapes stay for the manifest)
+            gc.collect()
         progress.update()
 
         progress.set_postfix_str("embedding table, tokenizer")
@@ -407,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         llm, llm_io, parity["llm"] = export_llm(wrapper, out, args.prefill_chunk, ckpt.config.hidden_size, np_dtype,
                                                 progress)
         state_names, state_shape = wrapper.state_names, list(wrapper.state_shape)
-        del wrapper, model
+        del wrapper, model.llm  # the model object stays for the manifest's audio facts
         gc.collect()
         rows.append(("llm.aimodel (prefill+decode)", tree_size(llm), parity["llm"], time.perf_counter() - t))
         artifacts["llm"] = asset_entry(llm, llm_io)
@@ -419,20 +435,22 @@ def main(argv: list[str] | None = None) -> int:
                  **({"video": {"artifact": "vision", "function": "video", "frames": VIDEO_FRAME_SLOTS, "batch": 1}}
                     if "video" in errors else {}),
                  "prefill": {"artifact": "llm", "function": "prefill", "tokens": args.prefill_chunk},
-                 "decode": {"artifact": "llm", "function": "decode", "tokens": 1}}
+                 "decode": {"artifact": "llm", "function": "decode", "tokens": 1},
+                 **({"audio": audio_step(model, "audio", "main")} if "audio" in artifacts else {})}
         written = quant.int4_layers + quant.int8_layers
         manifest = build_manifest("coreai", ckpt, args.model, artifacts, files, args, dtype_name, parity,
-                                  quant.manifest(**({"format": FORMAT} if written else {})), steps)
+                                  quant.manifest(**({"format": FORMAT} if written else {})), steps, model=model)
         manifest["schedule"]["coreai"] = {
             "state": {"names": state_names, "shape": state_shape, "dtype": dtype_name,
                       "slots": args.max_context + args.prefill_chunk, "slack_slots": args.prefill_chunk,
                       "reset": "fresh zeroed state arrays per conversation; both functions get the same arrays"},
+            **({"audio_state": coreai_audio_state(model, dtype_name)} if "audio" in artifacts else {}),
             "write_position": "the T new K/V go to state slots position_ids[0,0] + [0, T): the first new position "
                               "is the number of filled slots",
             "attention_mask": "[1,1,T,C+T] additive, as for ONNX (C cache slots, then the T new tokens); the graph "
                               "moves the new tokens' columns onto their slots and masks the slack",
             "inputs": "float inputs in the model dtype, position_ids / last_index int32; the vision asset takes "
-                      "one slice per call",
+                      "one slice per call, the audio asset one 1 s chunk",
         }
         write_manifest(out, manifest)
         write_readme(out, manifest)  # the export is an Xcode bundle as it is (ios_bridge.bundle)

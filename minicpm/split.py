@@ -21,6 +21,25 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from minicpm.modeling import MiniCPMV
 
 
+class HostCache:
+    """A cache the host keeps (graph inputs/outputs): layer i attends over its past slots then the new tokens, and
+    the new keys/values are collected as the step's outputs [layers, heads, T, head_dim]."""
+
+    def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
+        self.past_keys, self.past_values = past_keys, past_values
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def attend_over(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.append(k[0])
+        self.values.append(v[0])
+        return (torch.cat([self.past_keys[i : i + 1].to(k.dtype), k], dim=2),
+                torch.cat([self.past_values[i : i + 1].to(v.dtype), v], dim=2))
+
+    def new(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.keys), torch.stack(self.values)
+
+
 class VisionStep(nn.Module):
     """pixel_values [B,3,p,P*p], position_ids [B,P] int64, patch_mask [B,P] (1 = patch, 0 = padding),
     pos_embed [B,P,H] -> features [B, query_num, H]."""
@@ -93,16 +112,9 @@ class LanguageModelStep(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 last_index: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        new_keys, new_values = [], []
-
-        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            new_keys.append(k[0])
-            new_values.append(v[0])
-            return (torch.cat([past_keys[i : i + 1].to(k.dtype), k], dim=2),
-                    torch.cat([past_values[i : i + 1].to(v.dtype), v], dim=2))
-
-        logits = self.run_layers(inputs_embeds, position_ids, attention_mask, last_index, attend_over)
-        return logits, torch.stack(new_keys), torch.stack(new_values)
+        cache = HostCache(past_keys, past_values)
+        logits = self.run_layers(inputs_embeds, position_ids, attention_mask, last_index, cache.attend_over)
+        return logits, *cache.new()
 
     def run_layers(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                    last_index: torch.Tensor, attend_over: Callable[[int, torch.Tensor, torch.Tensor],
@@ -164,16 +176,9 @@ class AudioChunkStep(nn.Module):
     def forward(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        new_keys, new_values = [], []
-
-        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            new_keys.append(k[0])
-            new_values.append(v[0])
-            return (torch.cat([past_keys[i : i + 1].to(k.dtype), k], dim=2),
-                    torch.cat([past_values[i : i + 1].to(v.dtype), v], dim=2))
-
-        tokens = self.run_layers(mel, conv_mask, position_ids, attention_mask, attend_over)
-        return tokens, torch.stack(new_keys), torch.stack(new_values)
+        cache = HostCache(past_keys, past_values)
+        tokens = self.run_layers(mel, conv_mask, position_ids, attention_mask, cache.attend_over)
+        return tokens, *cache.new()
 
     def run_layers(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor, attend_over: Callable[[int, torch.Tensor, torch.Tensor],

@@ -274,11 +274,14 @@ class CoreAIBackend:
     """The assets of `python -m export.coreai` through `coreai.runtime` (the in-package CPU runtime on Linux, the
     OS framework on macOS 27+): `vision.aimodel` one slice per call, `llm.aimodel`'s `prefill` / `decode`. The
     KV cache is the functions' state: arrays passed with every call and updated in place, one set shared by both
-    functions (`owns_cache`); `reset()` gives fresh zeroed arrays. The runtime is async: the backend owns an
-    event loop and keeps the assets' executables open until it is garbage-collected."""
+    functions (`owns_cache`); `reset()` gives fresh zeroed arrays. MiniCPM-o: `audio.aimodel` one 1 s chunk per
+    call with the encoder cache as its own state arrays (`owns_audio_cache`: earlier clips' slots are masked, so
+    one set serves every clip; zeroed by `reset()` too). The runtime is async: the backend owns an event loop and
+    keeps the assets' executables open until it is garbage-collected."""
 
     name = "coreai"
     owns_cache = True
+    owns_audio_cache = True
 
     def __init__(self, directory: Path, manifest: dict):
         import asyncio  # noqa: PLC0415
@@ -308,7 +311,8 @@ class CoreAIBackend:
                 raise UserError(f"the Core AI runtime cannot load {path.name}: {str(e).strip().splitlines()[0]}") \
                     from None
 
-        steps, state = manifest["schedule"]["steps"], manifest["schedule"]["coreai"]["state"]
+        schedule = manifest["schedule"]
+        steps, state = schedule["steps"], schedule["coreai"]["state"]
         video = steps.get("video")
         loaded = load(steps["vision"]["artifact"], [steps["vision"].get("function", "main")]
                       + ([video["function"]] if video else []))  # one asset: the video function shares the weights
@@ -318,11 +322,19 @@ class CoreAIBackend:
         self.functions = {steps[s]["tokens"]: f for s, f in zip(order, loaded, strict=True)}
         self.state_names, self.state_shape = state["names"], tuple(state["shape"])
         self.state_dtype = np.dtype(state["dtype"])
+        audio = steps.get("audio")
+        self.audio_function = load(audio["artifact"], [audio.get("function", "main")])[0] if audio else None
+        self.audio_spec = schedule["coreai"].get("audio_state") if audio else None
+        if audio and self.audio_spec is None:
+            raise UserError("manifest.json: the Core AI audio step needs schedule.coreai.audio_state")
         self.reset()
 
     def reset(self) -> None:
-        """Fresh zeroed state arrays: a new conversation."""
+        """Fresh zeroed state arrays (the KV cache and the audio encoder cache): a new conversation."""
         self.state = {n: self.NDArray(np.zeros(self.state_shape, self.state_dtype)) for n in self.state_names}
+        spec = self.audio_spec
+        self.audio_state = {n: self.NDArray(np.zeros(spec["shape"], np.dtype(spec["dtype"]))) for n in spec["names"]} \
+            if spec else None
 
     def _call(self, function, inputs: dict[str, np.ndarray], state: dict | None = None) -> dict:
         feed = {k: self.NDArray(np.ascontiguousarray(v, dtype=np.int32 if v.dtype == np.int64 else v.dtype))
@@ -350,6 +362,14 @@ class CoreAIBackend:
         feed = {n: inputs[n] for n in names} if width == tokens else _pad_call(inputs, width)
         logits = self._call(self.functions[width], feed, self.state)["logits"].numpy()
         return logits.astype(np.float32), None, None
+
+    def audio(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+        """One 1 s chunk (the empty past_keys / past_values are ignored: the cache is the audio state)."""
+        if self.audio_function is None:
+            raise UserError("this Core AI export has no audio asset (audio needs a MiniCPM-o export)")
+        names = ("mel", "conv_mask", "position_ids", "attention_mask")
+        tokens = self._call(self.audio_function, {n: inputs[n] for n in names}, self.audio_state)["tokens"].numpy()
+        return tokens.astype(np.float32), None, None
 
 
 def _pad_call(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Audio through the exported chains (MiniCPM-o 4.5 and 2.6): the audio step 1 s chunk by chunk with its encoder
-cache, its tokens over the prompt's audio spans, greedy tokens equal to the eager reference on ONNX and ExecuTorch,
-for clips under 1 s, of exactly 1 s and of several seconds, audio with an image, and audio in a second turn."""
+cache, its tokens over the prompt's audio spans, greedy tokens equal to the eager reference on ONNX, ExecuTorch and
+Core AI (fp32, float weights), for clips under 1 s, of exactly 1 s and of several seconds, audio with an image, and
+audio in a second turn."""
 
 from __future__ import annotations
 
@@ -18,13 +19,20 @@ from runtime.session import Session
 from tests.conftest import noise_image, speechlike
 
 O_MODELS = ["tiny-minicpm-o-4.5", "tiny-minicpm-o-2.6"]
-FORMATS = ["onnx", "executorch"]
+FORMATS = ["onnx", "executorch", "coreai"]
+# Float weights, so the eager reference runs the same ones (the Core AI exporter quantises the LLM by default);
+# the same command as tests/test_coreai.py's o-4.5 export, so the session's export pool runs it once.
+EXPORT_ARGS = {"coreai": ["--quant", "none", "--precision", "fp32"]}
 MAX_CONTEXT = 640
 SAMPLING = SamplingConfig(max_new_tokens=12)
 
 
+def export_args(fmt: str) -> list[str]:
+    return ["--max-context", str(MAX_CONTEXT), *EXPORT_ARGS.get(fmt, [])]
+
+
 def export_of(exports, fmt: str, name: str):
-    return exports(fmt, name, "--max-context", str(MAX_CONTEXT))
+    return exports(fmt, name, *export_args(fmt))
 
 
 def torch_audio_call(step: AudioChunkStep):
@@ -36,10 +44,17 @@ def torch_audio_call(step: AudioChunkStep):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def start_exports(exports):
-    for fmt in FORMATS:  # two at a time in the background while the first tests run
+def start_exports(request, exports):
+    """The exports of this module's selected tests, two at a time in the background while the first tests run."""
+    wanted = set()
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is request.module and "fmt" in params:
+            wanted.add((params["fmt"], params["name"]))
+    for fmt in FORMATS:
         for name in O_MODELS:
-            exports.start(fmt, name, "--max-context", str(MAX_CONTEXT))
+            if (fmt, name) in wanted:
+                exports.start(fmt, name, *export_args(fmt))
 
 
 @pytest.mark.parametrize("name", O_MODELS)

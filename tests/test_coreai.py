@@ -1,7 +1,9 @@
 """Core AI export + CoreAIBackend, run through `coreai.runtime` on this machine: every function against its torch
 module (fp32), greedy tokens through the whole chain against the eager reference (images, prompts, two turns,
 prefill chunks 7 and 128), int4 codes read back from the asset and tokens against the PyTorch model of the same
-quantisation, weights stored once for both LLM functions, and refusal of tampered or missing assets.
+quantisation, weights stored once for both LLM functions, MiniCPM-o's audio asset and its state in the manifest,
+and refusal of tampered or missing assets. (The audio chain itself, tokens against the eager reference, is in
+tests/test_audio_chain.py.)
 
 Coverage: tiny V-4.0 gets the full matrix (3 images x 2 prompts x chunks 7 and 128, plus a --prefill-chunk 7
 export whose T = 7 function is checked directly); tiny o-4.5 gets 3 images x 1 prompt x both chunks and the
@@ -11,16 +13,14 @@ two-turn conversation. Chunk 7 on a chunk-128 export runs the prefill function p
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from export.bundle import audio_example
 from export.coreai import StatefulLanguageModel, eager_logits, install_records, parity_calls, runtime_logits
 from export.coreai_asset import AssetRunner, quantized_constants
 from minicpm.errors import UserError
@@ -30,12 +30,12 @@ from minicpm.split import VisionStep
 from runtime.backends import CoreAIBackend
 from runtime.manifest import read_manifest
 from runtime.session import Session
-from tests.conftest import ROOT, noise_image
+from tests.conftest import noise_image
 
 MAX_CONTEXT = 640
 IMAGES = [noise_image(200, 150, 1), noise_image(640, 480, 2), noise_image(300, 900, 3)]  # last two are sliced
 PROMPTS = ["What is in this image?", "Describe the colours."]
-FP32 = ["--precision", "fp32", "--max-context", str(MAX_CONTEXT)]
+FP32 = ["--precision", "fp32"]
 EXPORTS = {  # key -> (model or a fixture's directory, extra arguments)
     "v4": ("tiny-minicpm-v-4", ["--quant", "none"]),
     "o45": ("tiny-minicpm-o-4.5", ["--quant", "none"]),
@@ -61,25 +61,12 @@ def awq_dir(tmp_path_factory, private_cache):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_path, awq_dir):
-    """key -> export directory; each export runs in its own process, two at a time."""
-    for name in ("tiny-minicpm-v-4", "tiny-minicpm-o-4.5"):
-        tiny_path(name)  # built once, before two processes race for them
-    root = tmp_path_factory.mktemp("coreai")
-
-    def run(key: str) -> Path:
-        model, extra = EXPORTS[key]
-        out = root / key
-        cmd = [sys.executable, "-m", "export.coreai", "--model", model or str(awq_dir), "--out", str(out), *FP32,
-               *extra]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-        return out
-
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {key: pool.submit(run, key) for key in EXPORTS}
-    yield lambda key: futures[key].result()
-    pool.shutdown(wait=True, cancel_futures=True)
+def exported(exports, awq_dir):
+    """key -> export directory, through the session's export pool (each command once, in its own process, two at
+    a time): the o45 command is tests/test_audio_chain.py's Core AI export too."""
+    futures = {key: exports.start("coreai", model or awq_dir, "--max-context", str(MAX_CONTEXT), *extra, *FP32)
+               for key, (model, extra) in EXPORTS.items()}
+    return lambda key: futures[key].result()
 
 
 def reference(model, ckpt, messages, sampling) -> tuple[list[int], list[torch.Tensor]]:
@@ -224,6 +211,42 @@ def test_reset_is_a_fresh_conversation(exported):
     assert all(np.abs(a.numpy()).sum() == 0 for a in session.backend.state.values())
     fresh = Session(out, "coreai").ask(messages, SamplingConfig(max_new_tokens=16))
     assert session.ask(messages, SamplingConfig(max_new_tokens=16)).token_ids == fresh.token_ids
+
+
+def test_o_export_describes_its_audio_state(exported, tiny):
+    """audio.aimodel's encoder cache state: the manifest's audio_state (names, shape, dtype) is the asset's and the
+    encoder's, the backend's state arrays follow it (written by a chunk, zeroed by reset); a V export has no audio
+    and says so in one line."""
+    out = exported("o45")
+    manifest = read_manifest(out)
+    _, model = tiny("tiny-minicpm-o-4.5")
+    attn = model.apm.layers[0].self_attn
+    state = manifest["schedule"]["coreai"]["audio_state"]
+    assert state["names"] == [f"{k}_cache_{i}" for i in range(len(model.apm.layers)) for k in ("k", "v")]
+    assert state["shape"] == [1, attn.num_heads, model.apm.max_source_positions, attn.head_dim]
+    assert state["dtype"] == "float32"
+    assert manifest["schedule"]["steps"]["audio"] == {"artifact": "audio", "function": "main", "frames": 50,
+                                                      "tokens": 10, "pool": 5}
+    audio = manifest["artifacts"]["audio"]
+    assert audio["format"] == "aimodel" and list(audio["functions"]) == ["main"]
+    io = audio["functions"]["main"]
+    assert [t["name"] for t in io["inputs"]] == ["mel", "conv_mask", "position_ids", "attention_mask"]
+    assert [t["name"] for t in io["outputs"]] == ["tokens"]
+    assert {t["name"]: (t["shape"], t["dtype"]) for t in io["states"]} == \
+        dict.fromkeys(state["names"], (state["shape"], state["dtype"]))
+    assert manifest["parity"]["audio"] < 1e-4
+    backend = Session(out, "coreai").backend
+    assert backend.owns_audio_cache and set(backend.audio_state) == set(state["names"])
+    tokens, keys, values = backend.audio(**{k: v.numpy() for k, v in audio_example(model)[0].items()})
+    assert tokens.shape == (10, model.config.hidden_size) and keys is None and values is None
+    assert all(np.abs(a.numpy()).sum() > 0 for a in backend.audio_state.values())
+    backend.reset()
+    assert all(np.abs(a.numpy()).sum() == 0 for a in backend.audio_state.values())
+    v4 = exported("v4")
+    plain = read_manifest(v4)
+    assert "audio" not in plain["artifacts"] and "audio_state" not in plain["schedule"]["coreai"]
+    with pytest.raises(UserError, match="this Core AI export has no audio asset"):
+        Session(v4, "coreai").backend.audio()
 
 
 # ----- int4 --------------------------------------------------------------------------------------------
