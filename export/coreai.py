@@ -26,7 +26,8 @@ Assets (directories; the manifest hashes them with runtime.manifest.sha256_tree)
   host builds the very mask it builds for ONNX and ExecuTorch.
 - `audio.aimodel` (MiniCPM-o), function `main`: one 1 s chunk per call, the ONNX audio graph's inputs without the
   cache -> tokens; the encoder cache is its own Core AI state, written with `index_copy_` as the LLM's
-  (export/coreai_audio.py). Float weights.
+  (export/coreai_audio.py). Float weights, or with `--quantize-audio` (opt-in) the Whisper blocks' int4 records
+  written as the LLM's (below).
 
 Weights. Every Linear is stored transposed, [in, out], and computed as x @ W_t (coreai-core's CPU runtime runs
 that ~30x faster than x @ W.T; same arithmetic). int4 records from quant/ (AWQ by default) are written bit for
@@ -75,7 +76,7 @@ from export.bundle import (
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
 from export.coreai_audio import coreai_audio_state, export_audio, free_audio_weights
-from export.quantization import QUANT_METHODS, Quantization, quantized_model
+from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, quantized_model
 from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
@@ -346,11 +347,13 @@ def peak_rss_mb() -> float:
 
 
 def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
-                  lm_head: str | None = None, samples: int = 32, calib: str | None = None
-                  ) -> tuple[MiniCPMV, dict, Quantization]:
-    """The float32 model with its quantised weights installed, the LLM records and a summary. Defaults for
-    Core AI: a quantised checkpoint's own method, else int4 AWQ; lm_head as the records are, else float."""
-    return quantized_model(ckpt, quant, group_size, None, lm_head, samples, calib, default="int4-awq")
+                  lm_head: str | None = None, samples: int = 32, calib: str | None = None,
+                  quantize_audio: bool | None = None) -> tuple[MiniCPMV, dict, Quantization]:
+    """The float32 model with its quantised weights installed, the records to write (LLM, and the audio encoder's
+    with quantize_audio or from a directory that has them) and a summary. Defaults for Core AI: a quantised
+    checkpoint's own method, else int4 AWQ; lm_head as the records are, else float."""
+    return quantized_model(ckpt, quant, group_size, None, lm_head, samples, calib, default="int4-awq",
+                           quantize_audio=quantize_audio)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -360,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=QUANT_METHODS,
                         help="LLM weights: int4 AWQ (default; built-in calibration set), int4 round-to-nearest, or "
                              "none. A quantised checkpoint directory (python -m quant.awq) brings its own records.")
+    add_quantize_audio_argument(parser)
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="input channels per int4 group (128)")
     parser.add_argument("--lm-head", choices=("keep", "int8"), help="output head: float (keep) or per-row int8")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp32",
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = "float16" if args.precision == "fp16" else "float32"
     # Loading and quantising come first: a bad model or a conflicting --quant is one line on stderr.
     ckpt = Checkpoint.open(args.model)
-    model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples, args.calib)
+    model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples, args.calib,
+                                          args.quantize_audio or None)
     install_records(model, records, torch.float32)  # checked against the float32 weights, then cast with the model
     del records
     transpose_linears(model)

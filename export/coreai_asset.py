@@ -158,7 +158,9 @@ class AssetRunner:
 
 _BLOCKWISE = re.compile(r"coreai\.blockwise_shift_scale (%\d+), (%\d+), (%\d+)(?:, (%\d+))? : \(([^)]*)\)")
 _CONSTANT = re.compile(r"(%\d+) = coreai\.constant (?:dense_resource<(resource_\d+)>|dense<\"0x([0-9A-Fa-f]*)\">|"
-                       r"dense<([-+.\deE]+)>) : tensor<([0-9x]+)x(ui4|ui8|si4|si8|f16|f32)>")
+                       r"dense<([-+.\deE]+)>|dense<(\[[-+.\deE\[\], ]*\])>) "
+                       r": tensor<([0-9x]+)x(ui4|ui8|si4|si8|f16|f32)>")
+_NUMBER = re.compile(r"[-+]?[\d.]+(?:[eE][-+]?\d+)?")
 _BLOB = re.compile(r"(resource_\d+): \"0x([0-9A-Fa-f]*)\"")
 _DTYPES = {"ui4": np.uint8, "ui8": np.uint8, "si4": np.int8, "si8": np.int8, "f16": np.float16, "f32": np.float32}
 
@@ -177,10 +179,14 @@ def quantized_constants(path: Path, function: str | None = None) -> list[tuple[n
     if graph is None:
         raise UserError(f"{Path(path).name} has no function {function!r}")
     constants = {}
-    for value, resource, inline, splat, shape, dtype in _CONSTANT.findall(graph):
+    for value, resource, inline, splat, literal, shape, dtype in _CONSTANT.findall(graph):
         dims = [int(d) for d in shape.split("x")]
         if splat:  # one value for the whole tensor (e.g. every int8 zero point is 128)
             constants[value] = np.full(dims, float(splat)).astype(_DTYPES[dtype])
+            continue
+        if literal:  # small tensors are printed as nested lists of decimal values
+            numbers = [float(x) for x in _NUMBER.findall(literal)]
+            constants[value] = np.array(numbers).astype(_DTYPES[dtype]).reshape(dims)
             continue
         array = np.frombuffer(blobs[resource] if resource else bytes.fromhex(inline), dtype=_DTYPES[dtype])
         if dtype in ("ui4", "si4"):

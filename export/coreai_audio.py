@@ -4,10 +4,10 @@ Function `main`: one 1 s chunk per call, the ONNX audio graph's inputs without t
 conv_mask [1, 2C+1], position_ids [C] (int32 at run time), attention_mask [1, 1, C, P+C] -> tokens [C / pool, H]
 (C = 50 encoder frames, P = 1500 positions). The encoder cache is Core AI state, `k_cache_{i}` / `v_cache_{i}`
 [1, heads, P, head_dim] in the model dtype (float32 by default: Core AI states, unlike Core ML's, may be float32),
-written with `index_copy_` at slots position_ids[0] + [0, C) (export.stateful_audio). Float weights: int4 of the
-audio encoder is not built here. Parity: the asset through the Core AI runtime, its state carrying the cache over
-the three chunks of `export.bundle.audio_example`, against the stateless `AudioChunkStep` with its host float32
-cache.
+written with `index_copy_` at slots position_ids[0] + [0, C) (export.stateful_audio). Float weights, or the
+Whisper blocks' int4 records (`--quantize-audio`) already installed as BlockwiseLinear by export.coreai. Parity:
+the asset through the Core AI runtime, its state carrying the cache over the three chunks of
+`export.bundle.audio_example`, against the stateless `AudioChunkStep` (same weights) with its host float32 cache.
 """
 
 from __future__ import annotations

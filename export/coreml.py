@@ -24,9 +24,9 @@ Packages (ML programs for iOS 18 / macOS 15; they convert on Linux, run only on 
   (C = 50 encoder frames, P = 1500 positions). The encoder cache is state: `k_cache_{i}` / `v_cache_{i}` per
   encoder layer, [1, heads, P, head_dim] float16, the chunk's K/V written at slots position_ids[0] + [0, C) and
   the mask's C new columns moved there, as for the LLM. Stale slots of an earlier clip are masked, so one
-  `make_state()` serves every clip. Float weights, fp16 compute (int4 of the audio encoder is opt-in and not
-  built yet). Core ML states are float16 only, so its parity is measured with that state and, as
-  `parity.audio_fp32_state`, with the same graph's float32 state.
+  `make_state()` serves every clip. Float weights, fp16 compute; with `--quantize-audio` (opt-in) the Whisper
+  blocks' int4 records as for the LLM (below). Core ML states are float16 only, so its parity is measured with
+  that state and, as `parity.audio_fp32_state`, with the same graph's float32 state.
 
 Write position. The T new K/V go to slots position_ids[0,0] + [0, T): the first new position is the number
 of filled slots (runtime/session.py keeps slot == position), so no extra input is needed and the host builds
@@ -87,7 +87,8 @@ from export.bundle import (
     vision_example,
     write_embedding_table,
 )
-from export.quantization import QUANT_METHODS, Quantization, quantized_model
+from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, audio_records, quantized_model
+from export.stateful_audio import AUDIO_INPUTS, StatefulAudioEncoder, audio_state
 from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
@@ -99,7 +100,6 @@ from runtime.manifest import sha256_tree, write_manifest
 GENERATOR = "minicpm-mobile 0.1.0"
 VISION_INPUTS = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
 LLM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index")
-AUDIO_INPUTS = ("mel", "conv_mask", "position_ids", "attention_mask")
 FUNCTIONS = ("prefill", "decode")
 COMPRESSION = {"format": "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"}
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -166,52 +166,6 @@ class StatefulLanguageModel(nn.Module):
             getattr(self, name).zero_()
 
 
-class StatefulAudioEncoder(nn.Module):
-    """`AudioChunkStep` with the encoder cache in buffers that become Core ML states (MiniCPM-o; see the module
-    docstring): mel [1,n_mels,2C+3], conv_mask [1,2C+1], position_ids [C] int64, attention_mask [1,1,C,P+C]
-    additive -> tokens [C/pool, H]. `state_dtype` float16 is what Core ML stores (its states are fp16 only);
-    float32 gives the same graph's full-precision reference."""
-
-    def __init__(self, step: AudioChunkStep, state_dtype: torch.dtype = torch.float16):
-        super().__init__()
-        self.step = step.eval()
-        self.layers, self.chunk = len(step.apm.layers), step.chunk
-        self.positions = step.apm.embed_positions.weight.shape[0]
-        shape = (1, step.heads, self.positions, step.head_dim)
-        for i in range(self.layers):  # one state per layer and tensor, as the LLM's
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=state_dtype), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=state_dtype), persistent=False)
-
-    @property
-    def state_names(self) -> list[str]:
-        return [f"{kind}_cache_{i}" for i in range(self.layers) for kind in ("k", "v")]
-
-    def forward(self, mel: torch.Tensor, conv_mask: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        frames, slots = self.chunk, self.positions
-        start = position_ids[0].item()  # encoder frames of the piece already in the cache
-        torch._check(start >= 0)
-        torch._check(start <= slots - frames)
-        # The host's keys are [P cache slots | C new frames]; the state's are the P slots with the new frames
-        # written at theirs, so the new frames' mask columns move there (those slots are masked in the first P).
-        mask = torch.slice_scatter(attention_mask[..., :slots], attention_mask[..., slots:], dim=3, start=start,
-                                   end=start + frames)
-
-        def attend_over(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            # read_state -> slice_update(begin = start) -> coreml_update_state, as the LLM's cache write
-            keys.copy_(torch.slice_scatter(keys, k.to(keys.dtype), dim=2, start=start, end=start + frames))
-            values.copy_(torch.slice_scatter(values, v.to(values.dtype), dim=2, start=start, end=start + frames))
-            return keys.to(k.dtype), values.to(v.dtype)
-
-        return self.step.run_layers(mel, conv_mask, position_ids, mask, attend_over)
-
-    def reset(self) -> None:
-        """Zero the cache (a fresh `make_state()`; never needed for correctness: stale slots are masked)."""
-        for name in self.state_names:
-            getattr(self, name).zero_()
-
-
 def language_model(model: MiniCPMV, records: dict, max_context: int, chunk: int,
                    precision: str = "fp16") -> StatefulLanguageModel:
     """The LLM module the converter gets: float32 weights (the converter's torch frontend expects a float32 model
@@ -235,12 +189,12 @@ def language_model(model: MiniCPMV, records: dict, max_context: int, chunk: int,
 
 def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
                   lm_head: str | None = None, samples: int = 64, seq_len: int = 512,
-                  calib: str | None = None) -> tuple[MiniCPMV, dict, Quantization]:
-    """The float32 model with its quantised weights installed, the LLM records to write, and a summary
-    (export.quantization). Defaults for Core ML: quant None = a quantised checkpoint's own method, else int4-awq;
-    lm_head None = int8 when quantising."""
+                  calib: str | None = None, quantize_audio: bool | None = None) -> tuple[MiniCPMV, dict, Quantization]:
+    """The float32 model with its quantised weights installed, the records to write (LLM, and audio encoder with
+    quantize_audio), and a summary (export.quantization). Defaults for Core ML: quant None = a quantised checkpoint's
+    own method, else int4-awq; lm_head None = int8 when quantising."""
     return quantized_model(ckpt, quant, group_size, None, lm_head, samples, calib, seq_len, default="int4-awq",
-                           default_lm_head="int8")
+                           default_lm_head="int8", quantize_audio=quantize_audio)
 
 
 def check_records(model: MiniCPMV, records: dict) -> None:
@@ -557,17 +511,24 @@ def chunks_error(module: nn.Module, examples: list[dict], expected: list[torch.T
 
 
 @torch.no_grad()
-def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict) -> tuple[Path, dict]:
+def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metadata: dict,
+                 records: dict | None = None) -> tuple[Path, dict]:
     """audio.mlpackage; returns its path and the errors over the three chunks of `audio_example` against the
     stateless `AudioChunkStep` with its host float32 cache: the exported program (float16 state, what is
-    converted) as "audio", the same graph with float32 state as "audio_fp32_state"."""
+    converted) as "audio", the same graph with float32 state as "audio_fp32_state". `records`: the audio
+    encoder's, attached as compression metadata (as the LLM's)."""
     step = AudioChunkStep(model).eval()
     examples = audio_example(model)
     expected = [step(**e)[0] for e in examples]
-    wrapper = StatefulAudioEncoder(step)
+    wrapper = StatefulAudioEncoder(step, torch.float16, write="slice")  # Core ML states are float16 only
+    if records:
+        check_records(model, records)
+        attach_compression(model, records, torch.float16 if args.precision == "fp16" else torch.float32)
+        wrapper.register_buffer("_COREML_/metadata_version", torch.tensor(2))
     program = export_program(wrapper, tuple(examples[0][n] for n in AUDIO_INPUTS))
     errors = {"audio": chunks_error(program.module(), examples, expected),
-              "audio_fp32_state": chunks_error(StatefulAudioEncoder(step, torch.float32), examples, expected)}
+              "audio_fp32_state": chunks_error(StatefulAudioEncoder(step, torch.float32, write="slice"), examples,
+                                                  expected)}
     wrapper.reset()  # the program's module writes the wrapper's buffers
     mlmodel = convert(ct, program, audio_tensor_types(ct, args, wrapper, model.apm.num_mel_bins),
                       [ct.TensorType(name="tokens", dtype=_np_float(args))], args, fp32_ops=False, what="audio step")
@@ -580,15 +541,10 @@ def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metad
     return path, errors
 
 
-def audio_state(model: MiniCPMV) -> dict:
-    """`schedule.coreml.audio_state`: the audio package's states (as StatefulAudioEncoder registers them)."""
-    step, layers = AudioChunkStep(model), len(model.apm.layers)
-    positions = step.apm.embed_positions.weight.shape[0]
-    return {"names": [f"{kind}_cache_{i}" for i in range(layers) for kind in ("k", "v")], "layers": layers,
-            "shape": [1, step.heads, positions, step.head_dim], "dtype": "float16", "slots": positions,
-            "write_position": "the chunk's C new K/V go to slots position_ids[0] + [0, C) (= encoder frames of the "
-                              "piece already encoded); the graph moves the mask's C new columns there",
-            "reset": "none needed: slots of earlier clips are masked; a fresh make_state() per backend"}
+def coreml_audio_state(model: MiniCPMV) -> dict:
+    """`schedule.coreml.audio_state`: the audio package's float16 states (export.stateful_audio)."""
+    return audio_state(model, "float16", "none needed: slots of earlier clips are masked; a fresh make_state() per "
+                                         "backend")
 
 
 def merge_functions(ct, parts: dict[str, Path], path: Path, default: str, description: str, metadata: dict) -> None:
@@ -696,6 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=QUANT_METHODS,
                         help="LLM weights: int4 AWQ (default; built-in calibration set), int4 round-to-nearest, or "
                              "none. A quantised checkpoint directory (python -m quant.awq) brings its own records.")
+    add_quantize_audio_argument(parser)
     parser.add_argument("--group-size", type=int, help="input channels per int4 group: 32, 64 or 128 (default 128)")
     parser.add_argument("--lm-head", choices=("int8", "keep"),
                         help="output head: per-row int8 (default when quantising) or float (keep; default with --quant "
@@ -729,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_postfix_str("loading checkpoint, quantising" if args.quant != "none" else "loading checkpoint")
     ckpt = Checkpoint.open(args.model)
     model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
-                                          args.seq_len, args.calib)
+                                          args.seq_len, args.calib, args.quantize_audio or None)
     progress.update()
     dtype_name = "float16" if args.precision == "fp16" else "float32"
     slots = args.max_context + args.prefill_chunk
@@ -753,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
             t = time.perf_counter()
             progress.set_postfix_str("audio package")
-            audio, errors = export_audio(ct, model, out, args, metadata)
+            audio, errors = export_audio(ct, model, out, args, metadata, audio_records(records))
             parity.update(errors)
             rows.append(("audio.mlpackage", tree_size(audio), errors["audio"], time.perf_counter() - t))
         progress.update()
@@ -819,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             "state": {"names": state_names, "layers": layers, "shape": state_shape, "dtype": "float16",
                       "slots": slots, "slack_slots": args.prefill_chunk,
                       "reset": "a fresh make_state() (zeros) per conversation; both functions share it"},
-            **({"audio_state": audio_state(model)} if "audio" in parity else {}),
+            **({"audio_state": coreml_audio_state(model)} if "audio" in parity else {}),
             "write_position": "the T new K/V go to state slots position_ids[0,0] + [0, T): the first new "
                               "position is the number of filled slots",
             "attention_mask": "[1,1,T,C+T] additive, as for ONNX (C cache slots, then the T new tokens); the "
@@ -833,9 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     print_summary(f"Core ML export of {ckpt.config.variant.name} -> {args.out} ({quant.method}, {args.precision}, "
                   f"{args.target})", rows)
-    print(f"quantisation: {quant.method}, {quant.int4_layers} int4 layers"
-          + (f" (group {quant.group_size})" if quant.group_size else "") + f", lm_head {quant.lm_head}, "
-          f"{quant.seconds:.1f}s; peak RSS {peak_rss_mb():.0f} MB")
+    print(quant.describe() + f"; peak RSS {peak_rss_mb():.0f} MB")
     for note in quant.notes:
         print(f"note: {note}")
     return 0

@@ -11,8 +11,8 @@ Methods of the program (ExecuTorch multimodal runner conventions):
   program's one copy, shared with `vision_encoder`.
 - `audio_encoder(mel, conv_mask, position_ids, attention_mask) -> tokens [C/pool, H]` (MiniCPM-o): one 1 s
   chunk of a clip per call, `AudioChunkStep` with the encoder cache of the clip's earlier chunks in mutable
-  buffers (`StatefulAudioEncoder`); fixed shapes. It stays float: int4 of the audio encoder is opt-in and not
-  built yet (`--quant` covers the LLM blocks only).
+  buffers (`StatefulAudioEncoder`); fixed shapes. Float, or with `--quantize-audio` (opt-in) the Whisper
+  blocks' symmetric int4 records as 8da4w, exactly as the LLM's (below).
 - `token_embedding(input_ids [1,T]) -> [1,T,H]`: the raw table lookup (the host applies the manifest's
   prompt embedding scale). The Python host reads `token_embedding.bin` instead, as for every format.
 - `text_decoder(inputs_embeds [1,T,H], position_ids [1,T], attention_mask [1,1,T,C+T], last_index [1])
@@ -93,7 +93,7 @@ from export.bundle import (
     video_example,
     write_embedding_table,
 )
-from export.quantization import QUANT_METHODS, Quantization, quantized_model
+from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
@@ -359,8 +359,9 @@ def install_records(model: nn.Module, records: dict, activations_int8: bool, bf1
     points 0: int4 groupwise for the LLM blocks, int8 per output channel for an int8 lm_head record.
 
     activations_int8: int8 dynamic per-token activations ("8da4w", XNNPACK) instead of weight-only (Core ML).
-    bf16_scales: round groupwise scales to bfloat16, which is what XNNPACK stores for them (per-channel
-    scales stay float32 there, so float16 record scales are exact).
+    bf16_scales: round int4 scales to bfloat16, which is what XNNPACK stores for them: groupwise, and also an int4
+    group spanning the whole row (it is lowered blockwise; measured: float32 scales there part the reference by
+    ~1e-3); int8 per-channel scales stay float32 there, so float16 record scales are exact.
     Returns the manifest facts: scheme, scale dtype and the largest relative rounding of a group scale."""
     from torchao.quantization import IntxUnpackedToInt8Tensor  # noqa: PLC0415
 
@@ -374,7 +375,7 @@ def install_records(model: nn.Module, records: dict, activations_int8: bool, bf1
                             "`python -m quant.awq --symmetric` (or let this exporter quantise)")
         module = model.get_submodule(name)
         scale = record.scales.float()
-        if bf16_scales and record.group_size < module.in_features:
+        if bf16_scales and (record.bits == 4 or record.group_size < module.in_features):
             rounded = scale.to(torch.bfloat16).float()
             facts["max_scale_rounding"] = max(facts["max_scale_rounding"],
                                               float(((rounded - scale).abs() / scale).max()))
@@ -390,14 +391,15 @@ def install_records(model: nn.Module, records: dict, activations_int8: bool, bf1
 
 def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
                   backend: str = "xnnpack", lm_head: str | None = None, samples: int = 32,
-                  calib: str | None = None) -> tuple[MiniCPMV, Quantization, dict]:
+                  calib: str | None = None, quantize_audio: bool | None = None) -> tuple[MiniCPMV, Quantization, dict]:
     """The float32 model the program is traced from, with the records' weights installed as torchao tensors,
     the quantisation summary (export.quantization) and the format's manifest facts (`install_records`).
     Its eager modules are the program's PyTorch reference (the tests generate with it).
 
     quant None = a quantised checkpoint directory's own method (its records are used as they are), else none.
     Records are symmetric: XNNPACK's int4 kernels have no zero points (asymmetric directories are refused)."""
-    model, records, info = quantized_model(ckpt, quant, group_size, True, lm_head, samples, calib)
+    model, records, info = quantized_model(ckpt, quant, group_size, True, lm_head, samples, calib,
+                                           quantize_audio=quantize_audio)
     if not records:
         return model, info, {}
     xnnpack = backend == "xnnpack"
@@ -687,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="int4 weights of the LLM blocks, symmetric: AWQ (built-in calibration set, or --calib), "
                              "round-to-nearest, or none (default). A quantised checkpoint directory (python -m "
                              "quant.awq --symmetric) as --model brings its own records")
+    add_quantize_audio_argument(parser)
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="input channels per int4 group (128)")
     parser.add_argument("--lm-head", choices=("keep", "int8"),
                         help="output head: float (keep, default) or int8 per channel (8da8w on XNNPACK)")
@@ -704,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     ckpt = Checkpoint.open(args.model)
     model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
-                                        args.calib)
+                                        args.calib, args.quantize_audio or None)
     seconds["load + quantise"] = time.perf_counter() - t
     bar = tqdm(total=5, desc="export.executorch", unit="step")
     with staged_directory(args.out) as out:

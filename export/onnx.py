@@ -18,6 +18,11 @@ and zero points bit for bit (see export/matmul_nbits.py), initializers named aft
 (default) lets onnxruntime quantise activations to int8 per block on CPU (fast, approximate); 0 computes in
 the graph's float type. The vision graph stays float. Parity is measured against the PyTorch step running the
 same quantised weights.
+
+`--quantize-audio` (MiniCPM-o, opt-in; or a quantised directory from `python -m quant.awq --quantize-audio`): the
+Whisper encoder's quantised Linears become MatMulNBits nodes of audio.onnx the same way (initializers
+`apm.layers.0.fc1.qweight`, ...), always at accuracy_level 0 (float compute): the encoder runs once per 1 s chunk
+(50 rows, not decode's 1), and its tokens then equal the PyTorch step of the same records (parity < 1e-4).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from export.bundle import (
     video_example,
     write_embedding_table,
 )
-from export.quantization import QUANT_METHODS, quantized_model
+from export.quantization import QUANT_METHODS, add_quantize_audio_argument, audio_records, llm_records, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
@@ -60,6 +65,7 @@ LLM_IO = (["inputs_embeds", "position_ids", "attention_mask", "last_index", "pas
           ["logits", "new_keys", "new_values"])
 AUDIO_IO = (["mel", "conv_mask", "position_ids", "attention_mask", "past_keys", "past_values"],
             ["tokens", "new_keys", "new_values"])
+AUDIO_ACCURACY_LEVEL = 0  # int4 audio encoder: float compute (see the module docstring)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
@@ -153,14 +159,16 @@ def _export_batched(step: torch.nn.Module, args: tuple, path: Path, batch: torch
     return _artifact(path.parent, path), max_abs_error(got, expected)
 
 
-def export_audio(model, out: Path, dtype: torch.dtype) -> tuple[dict, float]:
+def export_audio(model, out: Path, dtype: torch.dtype, records: dict | None = None) -> tuple[dict, float]:
     """MiniCPM-o's audio chunk graph (fixed shapes: one chunk per call); measured against the torch step on the
-    three chunks of `audio_example` (first, middle with a cache, short last)."""
+    three chunks of `audio_example` (first, middle with a cache, short last). `records`: the audio encoder's
+    quantised layers already installed as MatMulNBitsLinear (their initializers get the records' names)."""
     step = AudioChunkStep(model).eval()
     examples = [tuple(x[n].to(dtype) if x[n].is_floating_point() else x[n] for n in AUDIO_IO[0])
                 for x in audio_example(model)]
     path = out / "audio.onnx"
-    _export(step, examples[1], path, AUDIO_IO, tuple(None for _ in AUDIO_IO[0]))
+    _export(step, examples[1], path, AUDIO_IO, tuple(None for _ in AUDIO_IO[0]),
+            matmul_nbits.initializer_names(step, model, records or {}))
     error = 0.0
     for args in examples:
         with torch.no_grad():
@@ -217,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="LLM weights: int4 AWQ (built-in calibration set, or --calib), int4 round-to-nearest, "
                              "or none (default). A quantised checkpoint directory (python -m quant.awq) as --model "
                              "brings its own records (default: use them)")
+    add_quantize_audio_argument(parser)
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="input channels per int4 group (128)")
     parser.add_argument("--symmetric", action="store_true", help="int4 without zero points (zero point 8)")
     parser.add_argument("--lm-head", choices=("keep", "int8"),
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                              "float type")
     args = parser.parse_args(argv)
     check_export_arguments(args)
+
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.symmetric and args.quant == "none":
@@ -237,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     # on stderr (AWQ shows its own progress).
     ckpt = Checkpoint.open(args.model)
     model, records, quant = quantized_model(ckpt, args.quant, args.group_size, args.symmetric or None, args.lm_head,
-                                            args.samples, args.calib)
+                                            args.samples, args.calib, quantize_audio=args.quantize_audio or None)
     model.to(dtype)
-    matmul_nbits.install(model, records, dtype, args.accuracy_level)
+    matmul_nbits.install(model, llm_records(records), dtype, args.accuracy_level)
+    matmul_nbits.install(model, audio_records(records), dtype, AUDIO_ACCURACY_LEVEL)
     steps = tqdm(total=4, desc="export.onnx", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"], time.perf_counter() - t))
         if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
             t = time.perf_counter()
-            artifacts["audio"], parity["audio"] = export_audio(model, out, dtype)
+            artifacts["audio"], parity["audio"] = export_audio(model, out, dtype, audio_records(records))
             rows.append(("audio.onnx (+ .data)", _size(out, "audio.onnx"), parity["audio"], time.perf_counter() - t))
         steps.update()
         t = time.perf_counter()
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = quant.manifest()
         if records:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
-                         accuracy_level=args.accuracy_level)
+                         accuracy_level=args.accuracy_level,
+                         **({"audio_accuracy_level": AUDIO_ACCURACY_LEVEL} if quant.audio_layers else {}))
         manifest = build_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                   "float16" if args.dtype == "fp16" else "float32", parity, entry, model=model)
         write_manifest(out, manifest)

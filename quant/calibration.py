@@ -10,6 +10,10 @@ User JSONL, one object per line:
     {"text": "plain text, tokenised without a chat template"}
 Image paths are relative to the JSONL file; the images go first in the first user message (as upstream
 chat()). The first `samples` lines are used.
+
+Audio (`audio=True`, MiniCPM-o's Whisper blocks): deterministic speech-like clips made here (`speech_like`: voiced
+syllables with gliding pitch and moving formants, unvoiced bursts, pauses; 0.7 to 9 s), through minicpm.audio's
+log-mel features exactly as a recorded clip is processed, one {"audio_features": [1, n_mels, frames]} dict each.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -201,6 +206,53 @@ def _chat(obj: dict, base: Path, where: str) -> list[dict]:
     return messages
 
 
+AUDIO_SECONDS = [2.4, 0.7, 5.3, 1.0, 3.6, 9.0, 1.7, 4.2]  # calibration clip lengths, cycled
+
+
+def speech_like(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
+    """A deterministic speech-like clip: syllables of a harmonic voice (pitch gliding around a speaker's base,
+    two formant-like resonances moving per syllable), some unvoiced noise bursts and pauses, a faint noise floor.
+    Float32 samples in [-1, 1] at `rate`."""
+    rng = np.random.RandomState(seed)
+    n = max(1, round(seconds * rate))
+    t = np.arange(n) / rate
+    base = rng.uniform(85, 260)  # the speaker's pitch
+    f0 = base * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.3, 1.2) * t) + 0.05 * rng.randn() * t / max(seconds, 1))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    signal = np.zeros(n)
+    position = int(rng.uniform(0.02, 0.15) * rate)
+    while position < n:
+        length = int(rng.uniform(0.08, 0.3) * rate)
+        end = min(n, position + length)
+        span = np.arange(position, end)
+        envelope = np.sin(np.pi * (span - position) / max(length, 1)) ** 2
+        if rng.rand() < 0.2:  # an unvoiced consonant: shaped noise
+            burst = np.convolve(rng.randn(span.size), np.ones(4) / 4, mode="same")
+            signal[span] += 0.15 * envelope * burst
+        else:  # a vowel: harmonics weighted by two resonances
+            formants = rng.uniform(300, 900), rng.uniform(900, 2600)
+            voice = np.zeros(span.size)
+            for k in range(1, 16):
+                freq = k * f0[span].mean()
+                gain = sum(1 / (1 + ((freq - f) / 120) ** 2) for f in formants) / k ** 0.5
+                voice += gain * np.sin(k * phase[span])
+            signal[span] += 0.3 * envelope * voice / 4
+        position = end + int(rng.choice([0.02, 0.05, 0.1, 0.35]) * rate)  # short gaps, sometimes a pause
+    signal += 0.003 * rng.randn(n)
+    return np.clip(signal, -1, 1).astype(np.float32)
+
+
+def audio_items(model: MiniCPMV, samples: int, seed: int = 0) -> list[dict]:
+    """`samples` clips of `speech_like` audio (lengths cycling through AUDIO_SECONDS) as inputs of the Whisper
+    blocks: {"audio_features": [1, n_mels, frames]} (minicpm.audio's recorded-clip features)."""
+    from minicpm.audio import process_audio  # noqa: PLC0415
+
+    pool = model.config.audio_pool_step
+    return [{"audio_features": torch.from_numpy(process_audio(speech_like(AUDIO_SECONDS[i % len(AUDIO_SECONDS)],
+                                                                           seed * 1000 + i), pool).features)[None]}
+            for i in range(samples)]
+
+
 def vision_item(model: MiniCPMV, pixel_values: list[torch.Tensor], tgt_sizes: list[tuple[int, int]]) -> dict:
     """Arguments of `model.vpm` for one image's slices: padded patch rows, position ids, validity mask."""
     inputs = model.vision_inputs(pixel_values, tgt_sizes)
@@ -212,11 +264,12 @@ def vision_item(model: MiniCPMV, pixel_values: list[torch.Tensor], tgt_sizes: li
 @torch.no_grad()
 def build_calibration(ckpt: Checkpoint, model: MiniCPMV, source: str | os.PathLike | None = None,
                       samples: int = 128, seq_len: int = 512, vision: bool = False, seed: int = 0,
-                      heldout: bool = False) -> list[dict]:
+                      heldout: bool = False, audio: bool = False) -> list[dict]:
     """Calibration samples for `awq_quantize(model, ...)`: {"inputs_embeds": [1, <=seq_len, H]} per chat
     (built-in set, or the JSONL file `source`), plus, when `vision`, one {"pixel_values", "position_ids",
-    "patch_mask"} dict per image for the vision blocks. `heldout` gives prompts and images not used for
-    calibration (for quality reports)."""
+    "patch_mask"} dict per image for the vision blocks and, when `audio` (MiniCPM-o), `samples` built-in
+    speech-like clips {"audio_features": [1, n_mels, frames]} for the Whisper blocks. `heldout` gives prompts,
+    images and clips not used for calibration (for quality reports)."""
     if samples < 1:
         raise UserError(f"samples must be >= 1, got {samples}")
     if seq_len < 8:
@@ -234,4 +287,8 @@ def build_calibration(ckpt: Checkpoint, model: MiniCPMV, source: str | os.PathLi
             if vision:
                 vision_items += [vision_item(model, image.pixel_values, image.tgt_sizes) for image in prompt.images]
         llm_items.append({"inputs_embeds": emb[None]})
+    if audio:
+        if not hasattr(model, "apm"):
+            raise UserError(f"audio calibration: {model.config.variant.name} has no audio encoder (MiniCPM-o only)")
+        vision_items += audio_items(model, samples, seed + (10_000 if heldout else 0))
     return vision_items + llm_items

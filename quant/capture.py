@@ -39,11 +39,17 @@ def is_vision_item(item: Any) -> bool:
     return isinstance(item, dict) and "pixel_values" in item
 
 
+def is_audio_item(item: Any) -> bool:
+    return isinstance(item, dict) and "audio_features" in item
+
+
 def runner(model: nn.Module, block_path: str, items: list) -> tuple[Callable[[Any], Any], list]:
     """How to run the calibration items that reach the block list at `block_path`.
 
     MiniCPMV has no forward of its own: dicts with `pixel_values` are inputs of `model.vpm` and feed the
-    vision blocks; all other items are inputs of `model.llm` (e.g. {"inputs_embeds": ...}).
+    vision blocks; dicts with `audio_features` ([1, n_mels, frames] log-mel) go through `model.encode_audio` (the
+    recorded-clip path: 30 s pieces, the block-causal chunk mask) to the Whisper blocks; all other items are
+    inputs of `model.llm` (e.g. {"inputs_embeds": ...}).
     """
     if not isinstance(model, MiniCPMV):
         return (lambda item: call(model, item)), items
@@ -53,7 +59,13 @@ def runner(model: nn.Module, block_path: str, items: list) -> tuple[Callable[[An
             raise UserError("quantize_vision=True needs image calibration samples (dicts with pixel_values, "
                             "position_ids and patch_mask for model.vpm); see quant.calibration")
         return (lambda item: call(model.vpm, item)), chosen
-    chosen = [it for it in items if not is_vision_item(it)]
+    if block_path.startswith("apm."):
+        chosen = [it for it in items if is_audio_item(it)]
+        if not chosen:
+            raise UserError("quantize_audio=True needs audio calibration samples (dicts with audio_features "
+                            "[1, n_mels, frames] for model.encode_audio); see quant.calibration")
+        return (lambda item: model.encode_audio(item["audio_features"])), chosen
+    chosen = [it for it in items if not is_vision_item(it) and not is_audio_item(it)]
     if not chosen:
         raise UserError("no calibration samples for the language model (e.g. {'inputs_embeds': ...} dicts)")
     return (lambda item: call(model.llm, item)), chosen

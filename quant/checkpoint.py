@@ -8,7 +8,8 @@ Layout (everything a MiniCPM checkpoint has, plus two files):
     quant_records.safetensors  the int4 / int8 records (codes, scales, zeros, input scales): what exporters
                                write as MatMulNBits / constexpr / packed weights
     quant_config.json          method, QuantConfig, per-layer report and summary
-Audio / speech weights of the o-models (not built by this project) are not carried over.
+The o-models' audio encoder (`apm.*`, `audio_projection_layer.*`) is carried over (with its int4 records when
+quantised with quantize_audio); their speech-output weights (`tts.*`, not built by this project) are not.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (model weights)")
 
 
-def config_from_args(args: argparse.Namespace, quantize_vision: bool = False) -> QuantConfig:
+def config_from_args(args: argparse.Namespace, quantize_vision: bool = False,
+                     quantize_audio: bool = False) -> QuantConfig:
     return QuantConfig(group_size=args.group_size, symmetric=args.symmetric, lm_head=args.lm_head,
                        embeddings=args.embeddings, clip_search=not args.no_clip, device=args.device,
-                       quantize_vision=quantize_vision)
+                       quantize_vision=quantize_vision, quantize_audio=quantize_audio)
 
 
 def peak_rss_mb() -> float:

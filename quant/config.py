@@ -13,6 +13,9 @@ GROUP_SIZES = (32, 64, 128)
 # Left in full precision unless `quantize_vision=True`: MiniCPM-V's vision tower and resampler, and the
 # usual names of vision towers in other multimodal models.
 VISION_PATTERNS = (r"^vpm\.", r"^resampler\.", r"(^|\.)vision_(tower|model)\.", r"(^|\.)visual\.")
+# Left in full precision unless `quantize_audio=True`: MiniCPM-o's Whisper audio encoder (its projection into the
+# LLM, `audio_projection_layer`, is outside the encoder blocks and always stays fp).
+AUDIO_PATTERNS = (r"^apm\.",)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class QuantConfig:
         1.0 down to `min_clip_ratio` in `clip_grid` steps and keep the one with the lowest output error.
     lm_head / embeddings: "keep" (full precision) or "int8" (per-channel weight-only int8 records).
     quantize_vision: also quantise the vision tower (`vpm.*`; MiniCPM-V's resampler always stays fp).
+    quantize_audio: also quantise MiniCPM-o's Whisper encoder blocks (`apm.layers.*`; the audio projection stays fp).
     skip: regular expressions (re.search on qualified module names) of Linears to leave in full precision.
     blocks: paths of the transformer block lists (ModuleList) to process, in execution order; None finds them.
     device: where calibration runs ("cuda", "mps", "cpu"); None picks cuda, then mps, then cpu.
@@ -41,6 +45,7 @@ class QuantConfig:
     lm_head: str = "keep"
     embeddings: str = "keep"
     quantize_vision: bool = False
+    quantize_audio: bool = False
     skip: tuple[str, ...] = ()
     blocks: tuple[str, ...] | None = None
     device: str | None = None
@@ -61,7 +66,7 @@ class QuantConfig:
             raise UserError(f"bits must be 4 (int4 weights; int8 is available for lm_head/embeddings), got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
-        for name in ("symmetric", "clip_search", "quantize_vision"):
+        for name in ("symmetric", "clip_search", "quantize_vision", "quantize_audio"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("alpha_grid", "clip_grid"):
@@ -93,7 +98,7 @@ class QuantConfig:
         return (1 << self.bits) - 1
 
     def skipped_by(self, name: str) -> str | None:
-        """Why `name` stays in full precision by pattern (user skip list or vision tower), else None."""
+        """Why `name` stays in full precision by pattern (user skip list, vision tower or audio encoder), else None."""
         for pattern in self.skip:
             if re.search(pattern, name):
                 return f"skip pattern {pattern!r}"
@@ -101,6 +106,10 @@ class QuantConfig:
             for pattern in VISION_PATTERNS:
                 if re.search(pattern, name):
                     return "vision tower (quantize_vision=False)"
+        if not self.quantize_audio:
+            for pattern in AUDIO_PATTERNS:
+                if re.search(pattern, name):
+                    return "audio encoder (quantize_audio=False)"
         return None
 
     def resolve_device(self) -> torch.device:

@@ -161,7 +161,8 @@ def _has_linear(module: nn.Module, prefix: str, config: QuantConfig) -> bool:
 def find_block_lists(model: nn.Module, config: QuantConfig) -> list[str]:
     """Paths of the transformer block lists, in execution order.
 
-    `config.blocks` when given; for MiniCPMV the LLM layers (after the vision layers when quantize_vision);
+    `config.blocks` when given; for MiniCPMV the LLM layers (after the vision layers when quantize_vision and
+    the Whisper encoder layers when quantize_audio);
     otherwise the longest ModuleList of same-type modules holding a quantisable Linear, or the model
     itself when it has none.
     """
@@ -175,7 +176,10 @@ def find_block_lists(model: nn.Module, config: QuantConfig) -> list[str]:
                 raise UserError(f"blocks: {path!r} contains no Linear layers")
         return list(config.blocks)
     if isinstance(model, MiniCPMV):
-        return (["vpm.encoder.layers"] if config.quantize_vision else []) + ["llm.model.layers"]
+        if config.quantize_audio and not hasattr(model, "apm"):
+            raise UserError(f"quantize_audio: {model.config.variant.name} has no audio encoder (MiniCPM-o only)")
+        return ((["vpm.encoder.layers"] if config.quantize_vision else [])
+                + (["apm.layers"] if config.quantize_audio else []) + ["llm.model.layers"])
     best, best_len = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) <= best_len:
