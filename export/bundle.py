@@ -117,10 +117,11 @@ def file_entry(root: Path, relative: str) -> dict:
     return {"path": relative, "sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def copy_model_files(ckpt: Checkpoint, dest: Path) -> list[dict]:
-    """config, generation/preprocessor configs and tokenizer files, so the runtime needs nothing else."""
+def copy_model_files(ckpt: Checkpoint, dest: Path, names: list[str] = MODEL_FILES) -> list[dict]:
+    """config, generation/preprocessor configs and tokenizer files, so the runtime needs nothing else. `ckpt`: any
+    object with the checkpoint directory as `.path`."""
     copied = []
-    for name in MODEL_FILES:
+    for name in names:
         src = ckpt.path / name
         if src.is_file():
             shutil.copy(src, dest / name)
@@ -128,9 +129,11 @@ def copy_model_files(ckpt: Checkpoint, dest: Path) -> list[dict]:
     return copied
 
 
-def write_embedding_table(model: MiniCPMV, dest: Path, dtype: torch.dtype) -> dict:
-    """Raw little-endian [V, H] table (mmap-able from Swift without a parser)."""
-    table = token_embedding_table(model).to(dtype).contiguous().numpy()
+def write_embedding_table(model: MiniCPMV | None, dest: Path, dtype: torch.dtype,
+                          table: torch.Tensor | None = None) -> dict:
+    """Raw little-endian [V, H] table (mmap-able from Swift without a parser): the model's, or `table` (the
+    hybrid models' transformers classes: `model.get_input_embeddings().weight`)."""
+    table = (token_embedding_table(model) if table is None else table.detach()).to(dtype).contiguous().numpy()
     name = "token_embedding.bin"
     table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(dest / name)
     return {**file_entry(dest, name), "format": "raw", "dtype": str(table.dtype), "shape": list(table.shape)}
@@ -301,6 +304,65 @@ def build_manifest(fmt: str, ckpt: Checkpoint, model_name: str, artifacts: dict,
                                **({"audio": audio_step(model, "audio")} if audio else {})},
             **({"audio_cache": audio_cache(model, dtype)} if audio else {}),
             "default_sampling": sampling,
+        },
+        "quantization": quantization or {"method": "none", "bits": None, "group_size": None, "symmetric": None},
+        "parity": parity,
+    }
+
+
+def build_hybrid_manifest(fmt: str, ckpt, model_name: str, artifacts: dict, files: list[dict],
+                          args: argparse.Namespace, dtype: str, parity: dict, spec, steps: dict,
+                          quantization: dict | None = None) -> dict:
+    """The manifest of a MiniCPM-V 4.6 / 4.7 export (`ckpt`: a `minicpm.v4_6.HybridCheckpoint`, `spec`: the LLM
+    step's `StateSpec`). The schedule describes the per-layer state as data (`schedule.state` =
+    `spec.to_dict()`) and the positions (`schedule.positions`); preprocessing is the model's own processor, rebuilt
+    by the runtime from the copied files. Text-only until a vision step is in `steps`."""
+    cfg, text = ckpt.config, ckpt.config.text_config
+    vocab = ckpt.tokenizer.get_vocab()
+    names = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>",
+             *(getattr(ckpt.tokenizer, n, None) for n in ("image_token", "video_token"))]
+    gen = ckpt.generation_config
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    processor_files = [f["path"] for f in files if f["path"] in ("preprocessor_config.json", "processor_config.json",
+                                                                  "video_preprocessor_config.json")]
+    modalities = ["text", *(["image"] if "vision" in steps else [])]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generator": "minicpm-mobile 0.1.0",
+        "format": fmt,
+        "model": {"name": model_name, "source": str(ckpt.path), "variant": ckpt.variant.name,
+                  "version": ckpt.variant.version, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+                  "num_layers": text.num_hidden_layers, "dtype": dtype},
+        "artifacts": artifacts,
+        "files": files,
+        "tokenizer": {
+            "files": [f["path"] for f in files if f["path"] in TOKENIZER_FILES],
+            "chat_template": ckpt.processor.chat_template or ckpt.tokenizer.chat_template,
+            "special_tokens": {t: vocab[t] for t in names if t in vocab},
+            "stop_ids": ckpt.stop_ids,
+        },
+        "preprocessing": {"processor": type(ckpt.processor).__name__, "files": processor_files,
+                          "downsample_mode": cfg.downsample_mode},
+        "schedule": {
+            "prefill_chunk": args.prefill_chunk,
+            "max_context": args.max_context,
+            "on_context_full": "error",
+            "modalities": modalities,
+            # what each LLM call carries in and out besides the embeddings (minicpm/cache.py)
+            "state": spec.to_dict(),
+            "positions": {
+                "kind": "mrope", "rows": ["temporal", "height", "width"],
+                "mrope_section": list(rope.get("mrope_section") or []),
+                "interleaved": bool(rope.get("mrope_interleaved", False)),
+                "canvas": ckpt.variant.canvas_positions,
+                "rule": "text tokens: sequence index + delta on all three rows; images (4.7): the model's canvas "
+                        "positions (get_rope_index) computed on the host, delta = max position + 1 - length",
+            },
+            "prompt_embedding_scale": 1.0,
+            "generated_embedding_scale": 1.0,
+            "steps": steps,
+            "default_sampling": {"greedy": not gen.get("do_sample", False), "temperature": gen.get("temperature", 1.0),
+                                 "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)},
         },
         "quantization": quantization or {"method": "none", "bits": None, "group_size": None, "symmetric": None},
         "parity": parity,

@@ -38,7 +38,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class StateTensor:
     """One stacked state tensor: axis 0 runs over `layers` (decoder layer indices, in that order)."""
 
-    name: str  # the step's input name; its output is "new_" + name
+    name: str  # the step's input name; its output name is `output`
     kind: str  # one of KINDS
     layers: tuple[int, ...]
     shape: tuple[int, ...]
@@ -49,6 +49,13 @@ class StateTensor:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def output(self) -> str:
+        """The graph output carrying this tensor's update: "past_keys" -> "new_keys" (the T new rows, named as in
+        the older models' graphs, so one host rule appends them), "conv_state" -> "new_conv_state" (the whole
+        replacement)."""
+        return "new_" + self.name.removeprefix("past_")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 class HybridLanguageModelStep(nn.Module):
     """One LLM call of the device schedule for a text model mixing gated delta-net and full-attention layers."""
 
+    # The delta rule of the linear layers: an exporter whose graph has a dynamic token count swaps in an equal
+    # formulation without Python loops over T (export/onnx_hybrid.py: sub-chunks through a scan).
+    delta_rule = staticmethod(gated_delta_rule)
+
     def __init__(self, model: nn.Module, max_context: int, max_chunk: int = 128):
         super().__init__()
         text = model.model.language_model
@@ -217,7 +221,7 @@ class HybridLanguageModelStep(nn.Module):
         valid = valid.to(rule)[:, None]
         beta = (b[0].sigmoid().to(rule) * valid).transpose(0, 1)  # [heads, T]
         decay = (-la.A_log.to(rule).exp() * F.softplus(a[0].to(rule) + la.dt_bias) * valid).transpose(0, 1)
-        out, new_state = gated_delta_rule(query, key, value, decay, beta, recurrent_state.to(rule))
+        out, new_state = self.delta_rule(query, key, value, decay, beta, recurrent_state.to(rule))
         out = out.transpose(0, 1).to(x.dtype)  # [T, heads, dv]
         out = la.norm(out.reshape(-1, la.head_v_dim), z.reshape(-1, la.head_v_dim)).reshape(batch, tokens, -1)
         return la.out_proj(out), new_conv, new_state

@@ -347,6 +347,72 @@ def prompt_positions(model: PreTrainedModel, inputs) -> tuple[torch.Tensor, int]
     return positions[:, 0], int(deltas[0, 0])
 
 
+class HybridPromptBuilder:
+    """The runtime's prompts for a 4.6 / 4.7 checkpoint, through the model's own processor and chat template, in the
+    `minicpm.prompt.PromptBuilder` interface the session calls (`build` for a conversation's first turn,
+    `build_turn` for a continuation of a state that ends with the last generated token).
+
+    Messages are the toolkit's (`content`: a string or a list of strings, PIL images and typed dicts) and become
+    transformers' content lists. Text only for now: images and videos need the hybrid vision step, so an image item
+    is refused here in one line (the session refuses them earlier for a text-only export)."""
+
+    # A string no tokenizer merges with its neighbours, to find what the template puts after a message's content.
+    _SENTINEL = "\u2063MINICPM\u2063"
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    def _chat(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m["content"]
+            items = [content] if isinstance(content, str) else list(content)
+            converted = []
+            for item in items:
+                if isinstance(item, str):
+                    converted.append({"type": "text", "text": item})
+                elif isinstance(item, dict) and item.get("type") == "text":
+                    converted.append(item)
+                else:
+                    kind = item.get("type", "image") if isinstance(item, dict) else "image"
+                    raise UserError(f"MiniCPM-V 4.6 / 4.7 prompts take text only for now ({kind} input needs the "
+                                    "hybrid vision step)")
+            out.append({"role": m["role"], "content": converted})
+        return out
+
+    def _render(self, messages: list[dict], enable_thinking: bool, generation: bool = True) -> str:
+        return self.processor.apply_chat_template(self._chat(messages), tokenize=False,
+                                                  add_generation_prompt=generation, enable_thinking=enable_thinking)
+
+    def _prompt(self, text: str):
+        from minicpm.prompt import Prompt  # noqa: PLC0415
+
+        ids = self.processor(text=[text], return_tensors="pt")["input_ids"][0].tolist()
+        return Prompt(ids, [], [], text)
+
+    def build(self, messages: list[dict], max_slice_nums: int | None = None, enable_thinking: bool = False,
+              stream_input: bool | None = None, tts_template: bool | None = None):
+        """The whole prompt of a conversation's first turn: the chat template with its generation prompt."""
+        return self._prompt(self._render(messages, enable_thinking))
+
+    def build_turn(self, messages: list[dict], first_image: int, max_slice_nums: int | None = None,
+                   enable_thinking: bool = False, stream_input: bool | None = None,
+                   tts_template: bool | None = None):
+        """The tokens continuing a conversation whose state ends with the last generated token: the template's
+        end of an assistant message (the stop token is never fed back), then the new messages as the template
+        renders them, with its generation prompt."""
+        return self._prompt(self.answer_footer() + self._render(messages, enable_thinking))
+
+    def answer_footer(self) -> str:
+        """What the chat template writes after an assistant message's content (ChatML: "<|im_end|>\\n")."""
+        text = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": self._SENTINEL}],
+                            False, generation=False)
+        if self._SENTINEL not in text:
+            raise UserError("the chat template drops assistant messages: cannot continue a conversation")
+        return text.rsplit(self._SENTINEL, 1)[1]
+
+
 def stop_token_ids(tokenizer, generation_config: dict | None = None) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
@@ -383,6 +449,10 @@ class HybridCheckpoint:
     @property
     def stop_ids(self) -> list[int]:
         return stop_token_ids(self.tokenizer, self.generation_config)
+
+    @property
+    def prompts(self) -> HybridPromptBuilder:
+        return HybridPromptBuilder(self.processor)
 
     def load_model(self, dtype: str | torch.dtype | None = "auto") -> tuple[PreTrainedModel, object]:
         return load_model(self.path, dtype)

@@ -70,13 +70,34 @@ class TorchBackend:
         return tuple(t.numpy() for t in out)
 
 
+class HybridTorchBackend:
+    """The eager hybrid LLM step (`minicpm.hybrid_step`) of a MiniCPM-V 4.6 / 4.7 checkpoint: `llm(...)` takes the
+    step's inputs and every state tensor by name, and returns the logits and one update per state tensor."""
+
+    name = "torch"
+
+    def __init__(self, source: str, schedule: dict):
+        from minicpm.hybrid_step import HybridLanguageModelStep  # noqa: PLC0415
+        from minicpm.v4_6 import load_model  # noqa: PLC0415
+
+        model, _ = load_model(source, "float32")
+        self.llm_step = HybridLanguageModelStep(model, schedule["max_context"], schedule["prefill_chunk"]).eval()
+
+    @torch.no_grad()
+    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        names = ["inputs_embeds", "position_ids", "attention_mask", "last_index", "valid_tokens",
+                 *self.llm_step.spec.names]
+        out = self.llm_step(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names))
+        return tuple(t.numpy() for t in out)
+
+
 class OnnxRuntimeBackend:
     """onnxruntime sessions over the exported `vision` and `llm` graphs (CPU)."""
 
     name = "onnxruntime"
 
-    def __init__(self, vision_path: Path, llm_path: Path, threads: int | None = None, video_path: Path | None = None,
-                 audio_path: Path | None = None):
+    def __init__(self, vision_path: Path | None, llm_path: Path, threads: int | None = None,
+                 video_path: Path | None = None, audio_path: Path | None = None):
         import onnxruntime as ort  # noqa: PLC0415
 
         options = ort.SessionOptions()
@@ -89,7 +110,9 @@ class OnnxRuntimeBackend:
             except Exception as e:  # noqa: BLE001 (an unloadable graph is named, not dumped)
                 raise UserError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0]}") from None
 
-        self.vision_session, self.llm_session = load(vision_path), load(llm_path)
+        # No vision graph: a text-only hybrid export (the session refuses images before any call).
+        self.vision_session = load(vision_path) if vision_path else None
+        self.llm_session = load(llm_path)
         self.video_session = load(video_path) if video_path else None
         self.audio_session = load(audio_path) if audio_path else None
 
@@ -439,6 +462,8 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "torch":
+        if "state" in manifest["schedule"]:
+            return HybridTorchBackend(reference_source(manifest), manifest["schedule"])
         return TorchBackend(reference_source(manifest), manifest["schedule"]["max_context"])
     if name == "executorch":
         if manifest["format"] != "executorch":
@@ -454,7 +479,8 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int | None
     if manifest["format"] != "onnx":
         raise UserError(f"backend {name} runs ONNX exports; this directory holds a {manifest['format']} export")
     steps = manifest["schedule"]["steps"]
-    video, audio = steps.get("video"), steps.get("audio")
-    return OnnxRuntimeBackend(artifact_path(directory, manifest, "vision"), artifact_path(directory, manifest, "llm"),
+    vision, video, audio = steps.get("vision"), steps.get("video"), steps.get("audio")
+    return OnnxRuntimeBackend(artifact_path(directory, manifest, vision["artifact"]) if vision else None,
+                              artifact_path(directory, manifest, steps["prefill"]["artifact"]),
                               threads, artifact_path(directory, manifest, video["artifact"]) if video else None,
                               artifact_path(directory, manifest, audio["artifact"]) if audio else None)

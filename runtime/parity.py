@@ -13,12 +13,33 @@ from runtime.backends import reference_source
 
 def eager_reference(manifest: dict, messages: list[dict], sampling: SamplingConfig, max_slice_nums: int | None,
                     enable_thinking: bool) -> GenerationResult:
-    """Greedy tokens of the eager PyTorch model behind an export (float32)."""
+    """Greedy tokens of the eager PyTorch model behind an export (float32). Hybrid exports (MiniCPM-V 4.6 / 4.7):
+    transformers' own `generate` on the prompt of the model's processor and chat template."""
+    if "state" in manifest["schedule"]:
+        return _hybrid_reference(reference_source(manifest), messages, sampling, enable_thinking)
     ckpt = Checkpoint.open(reference_source(manifest))
     max_slices = max_slice_nums or manifest["preprocessing"]["max_slice_nums"]
     prompt = ckpt.prompts.build(messages, max_slice_nums=max_slices, enable_thinking=enable_thinking)
     model, _ = ckpt.load_model("float32")
     return generate(model, prompt, ckpt.tokenizer, sampling, ckpt.stop_ids)
+
+
+def _hybrid_reference(source: str, messages: list[dict], sampling: SamplingConfig,
+                      enable_thinking: bool) -> GenerationResult:
+    import torch  # noqa: PLC0415
+
+    from minicpm.v4_6 import HybridCheckpoint  # noqa: PLC0415
+
+    ckpt = HybridCheckpoint.open(source)
+    ids = ckpt.prompts.build(messages, enable_thinking=enable_thinking).input_ids
+    model, _ = ckpt.load_model("float32")
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=sampling.max_new_tokens, eos_token_id=ckpt.stop_ids,
+                             pad_token_id=ckpt.stop_ids[0])
+    tokens = [t for t in out[0, len(ids):].tolist() if t not in ckpt.stop_ids]
+    return GenerationResult(tokens, ckpt.tokenizer.decode(tokens), {})
 
 
 def parity_line(backend: str, got: list[int], expected: list[int]) -> str:

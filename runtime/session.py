@@ -4,6 +4,14 @@ One conversation = one KV cache of `max_context` slots. A turn: preprocess (slic
 audio per 1 s chunk (runtime/audio_chunks.py), vision per batch of slices, embedding lookup + scatter of audio and
 vision features, chunked prefill of the new tokens only, then token-by-token decode with sampling and streaming.
 Follow-up turns reuse the cache.
+
+What the LLM step carries between calls comes from the manifest. Older exports: one KV cache
+(`schedule.kv_cache`, host arrays `keys` / `values`). Hybrid exports (MiniCPM-V 4.6 / 4.7, `schedule.state`): the
+per-layer state as data, kept in a `minicpm.cache.StateCache` (valid K/V rows appended, conv and recurrent states
+replaced after every call), positions as M-RoPE rows, prompts from the model's own processor and chat template. The
+schedule (chunked prefill, decode, multi-turn reuse, the context-full policy) is the same code for both. "Context"
+is the full-attention KV: only it grows with the conversation; a linear layer's state has a fixed size whatever
+the length, so `max_context` bounds the KV slots and nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minicpm.cache import StateCache, StateSpec
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.generation import GenerationResult, Sampler, SamplingConfig, TextStreamer, timing_stats
@@ -56,11 +65,19 @@ class Session:
                  threads: int | None = None):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)  # schema, paths and hashes checked before anything runs
-        self.checkpoint = Checkpoint.open(self.directory)  # config and tokenizer files copied by the exporter
         schedule, pre = self.manifest["schedule"], self.manifest["preprocessing"]
+        # A hybrid export's step carries the per-layer state the manifest describes (see the module doc).
+        self.state_spec = StateSpec.from_dict(schedule["state"]) if "state" in schedule else None
+        if self.state_spec:
+            from minicpm.v4_6 import HybridCheckpoint  # noqa: PLC0415
+
+            self.checkpoint = HybridCheckpoint.open(self.directory)  # config, tokenizer and processor files
+            self._check_state_outputs()
+        else:
+            self.checkpoint = Checkpoint.open(self.directory)  # config and tokenizer files copied by the exporter
         self.chunk = schedule["prefill_chunk"]
         self.max_context = schedule["max_context"]
-        self.max_patches = pre["max_patches"]
+        self.max_patches = pre.get("max_patches")
         self.on_context_full = on_context_full or schedule["on_context_full"]
         if self.on_context_full not in ("error", "stop"):
             raise UserError(f"on_context_full must be 'error' or 'stop', got {self.on_context_full!r}")
@@ -77,11 +94,15 @@ class Session:
 
     def reset(self) -> None:
         """Forget the conversation: empty cache, no history."""
-        kv = self.manifest["schedule"]["kv_cache"]
-        # Backends whose graphs keep the cache as state (Core ML, ExecuTorch) reset it themselves.
-        shape = (0,) if getattr(self.backend, "owns_cache", False) else kv["shape"]
-        self.keys = np.zeros(shape, dtype=self.dtype)
-        self.values = np.zeros(shape, dtype=self.dtype)
+        if self.state_spec:
+            self.state = StateCache(self.state_spec)  # zeroed: KV slots, conv and recurrent states
+            self.rope_delta = 0  # decode position = sequence index + delta (4.7 images make it negative)
+        else:
+            kv = self.manifest["schedule"]["kv_cache"]
+            # Backends whose graphs keep the cache as state (Core ML, ExecuTorch) reset it themselves.
+            shape = (0,) if getattr(self.backend, "owns_cache", False) else kv["shape"]
+            self.keys = np.zeros(shape, dtype=self.dtype)
+            self.values = np.zeros(shape, dtype=self.dtype)
         if hasattr(self.backend, "reset"):
             self.backend.reset()
         self.cache_len = 0  # filled KV slots
@@ -141,7 +162,8 @@ class Session:
                    stream_input: bool | None = None, first: bool | None = None) -> Prompt:
         """The new turn's prompt: the whole prompt on an empty cache (or `first`), else the continuation, led by
         a pending generated token (an answer cut by max_new_tokens) that was never fed."""
-        max_slices = max_slice_nums or self.manifest["preprocessing"]["max_slice_nums"]
+        self._check_modalities(messages)
+        max_slices = max_slice_nums or self.manifest["preprocessing"].get("max_slice_nums")
         prompts = self.checkpoint.prompts
         if first if first is not None else (self.cache_len == 0 and not self.pending):
             return prompts.build(messages, max_slice_nums=max_slices, enable_thinking=enable_thinking,
@@ -152,6 +174,28 @@ class Session:
         n = len(self.pending)
         return Prompt(self.pending + turn.input_ids, [(s + n, e + n) for s, e in turn.image_bounds], turn.images,
                       turn.text, [(s + n, e + n) for s, e in turn.audio_bounds], turn.audios)
+
+    def _check_modalities(self, messages: list[dict]) -> None:
+        """A hybrid export lists what its graphs take (`schedule.modalities`); anything else is one line."""
+        modalities = self.manifest["schedule"].get("modalities")
+        if modalities is None:
+            return
+        for m in messages:
+            for item in [] if isinstance(m["content"], str) else m["content"]:
+                kind = "text" if isinstance(item, str) else (item.get("type", "image") if isinstance(item, dict)
+                                                             else "image")
+                if kind not in modalities:
+                    raise UserError(f"this {self.manifest['model']['variant']} export takes "
+                                    f"{', '.join(modalities)} only: {kind} input needs a vision step, which this "
+                                    "export does not have yet")
+
+    def _check_state_outputs(self) -> None:
+        """The graph's outputs must be the logits, then one update per state tensor in the spec's order."""
+        outputs = [o["name"] for o in self.manifest["artifacts"].get("llm", {}).get("outputs", [])]
+        expected = ["logits"] + [t.output for t in self.state_spec.tensors]
+        if outputs and outputs != expected:
+            raise UserError(f"manifest.json: the llm artifact's outputs {outputs} do not match schedule.state "
+                            f"(expected {expected})")
 
     def check_room(self, tokens: int) -> None:
         needed = self.cache_len + tokens
@@ -278,6 +322,8 @@ class Session:
 
     def _run_llm(self, embeds: np.ndarray, width: int) -> np.ndarray:
         """One graph call on `len(embeds)` new tokens padded to `width`; writes their K/V into the cache."""
+        if self.state_spec:
+            return self._run_state_step(embeds, width)
         n, past, ctx = len(embeds), self.cache_len, self.max_context
         hidden = embeds.shape[1]
         x = np.zeros((1, width, hidden), dtype=self.dtype)
@@ -297,3 +343,23 @@ class Session:
             self.values[:, :, past:past + n] = new_values[:, :, :n]
         self.cache_len = past + n
         return logits[0].astype(np.float32)
+
+    def _run_state_step(self, embeds: np.ndarray, width: int) -> np.ndarray:
+        """One call of a hybrid export's step: the new tokens padded to `width` (`valid_tokens` keeps the pad rows
+        out of the linear layers' state), every state tensor in; then the state commits its update rule."""
+        n, cache = len(embeds), self.state
+        x = np.zeros((1, width, embeds.shape[1]), dtype=self.dtype)
+        x[0, :n] = embeds
+        # Text tokens: sequence index + delta on all three M-RoPE rows (pad rows clamped into the rotary table).
+        positions = np.arange(cache.length, cache.length + width) + self.rope_delta
+        positions = np.broadcast_to(np.clip(positions, 0, self.max_context - 1), (3, width)).astype(np.int64)
+        mask = cache.attention_mask(width).numpy()
+        outputs = self.backend.llm(
+            inputs_embeds=x, position_ids=np.ascontiguousarray(positions),
+            attention_mask=np.maximum(mask, np.finfo(self.dtype).min).astype(self.dtype),
+            last_index=np.asarray([n - 1], dtype=np.int64), valid_tokens=np.asarray([n], dtype=np.int64),
+            **{name: tensor.numpy() for name, tensor in zip(self.state_spec.names, cache.inputs(), strict=True)})
+        cache.commit({t.name: torch.from_numpy(np.asarray(o)) for t, o in zip(self.state_spec.tensors, outputs[1:],
+                                                                               strict=True)}, n)
+        self.cache_len = cache.length
+        return outputs[0][0].astype(np.float32)
