@@ -39,17 +39,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill call (default 128)")
     parser.add_argument("--max-context", type=int, default=4096, help="KV cache length (default 4096)")
     parser.add_argument("--max-slice-nums", type=int, help="slices per image (default: the checkpoint's)")
-    parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES,
-                        help=f"patch row length of the vision graph (default {DEFAULT_MAX_PATCHES})")
+    parser.add_argument("--max-patches", type=int,
+                        help=f"patch row length of the vision graph (default {DEFAULT_MAX_PATCHES}; MiniCPM-V 4.6 / "
+                             "4.7: the largest slice their image processor makes, 1200 at its 448 px setting)")
 
 
 def check_export_arguments(args: argparse.Namespace) -> None:
+    """One-line refusals of impossible arguments; an unset --max-patches becomes DEFAULT_MAX_PATCHES (the hybrid
+    exporters choose theirs before calling this)."""
     from minicpm.errors import UserError  # noqa: PLC0415
 
     if args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.max_context < args.prefill_chunk + 1:
         raise UserError(f"--max-context ({args.max_context}) must exceed --prefill-chunk ({args.prefill_chunk})")
+    if args.max_patches is None:
+        args.max_patches = DEFAULT_MAX_PATCHES
     if args.max_patches < 1:
         raise UserError(f"--max-patches must be >= 1, got {args.max_patches}")
     if args.max_slice_nums is not None and args.max_slice_nums < 1:
@@ -316,7 +321,8 @@ def build_hybrid_manifest(fmt: str, ckpt, model_name: str, artifacts: dict, file
     """The manifest of a MiniCPM-V 4.6 / 4.7 export (`ckpt`: a `minicpm.v4_6.HybridCheckpoint`, `spec`: the LLM
     step's `StateSpec`). The schedule describes the per-layer state as data (`schedule.state` =
     `spec.to_dict()`) and the positions (`schedule.positions`); preprocessing is the model's own processor, rebuilt
-    by the runtime from the copied files. Text-only until a vision step is in `steps`."""
+    by the runtime from the copied files. A `steps.vision` entry (its layout as data, see export/onnx_hybrid.py)
+    adds "image" to `schedule.modalities` and its patch row to `preprocessing.max_patches`."""
     cfg, text = ckpt.config, ckpt.config.text_config
     vocab = ckpt.tokenizer.get_vocab()
     names = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>",
@@ -342,7 +348,8 @@ def build_hybrid_manifest(fmt: str, ckpt, model_name: str, artifacts: dict, file
             "stop_ids": ckpt.stop_ids,
         },
         "preprocessing": {"processor": type(ckpt.processor).__name__, "files": processor_files,
-                          "downsample_mode": cfg.downsample_mode},
+                          "downsample_mode": steps.get("vision", {}).get("downsample_mode", cfg.downsample_mode),
+                          **({"max_patches": steps["vision"]["max_patches"]} if "vision" in steps else {})},
         "schedule": {
             "prefill_chunk": args.prefill_chunk,
             "max_context": args.max_context,
@@ -355,8 +362,10 @@ def build_hybrid_manifest(fmt: str, ckpt, model_name: str, artifacts: dict, file
                 "mrope_section": list(rope.get("mrope_section") or []),
                 "interleaved": bool(rope.get("mrope_interleaved", False)),
                 "canvas": ckpt.variant.canvas_positions,
-                "rule": "text tokens: sequence index + delta on all three rows; images (4.7): the model's canvas "
-                        "positions (get_rope_index) computed on the host, delta = max position + 1 - length",
+                "rule": "text tokens: sequence index + delta on all three rows; canvas: the image tokens of a "
+                        "turn take the model's canvas positions (get_rope_index over the turn's tokens) offset by the "
+                        "turn's first position (its sequence index + delta), then delta += max turn position + 1 - "
+                        "turn length; otherwise (4.6) image tokens are text tokens and delta stays 0",
             },
             "prompt_embedding_scale": 1.0,
             "generated_embedding_scale": 1.0,

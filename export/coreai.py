@@ -381,6 +381,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import_coreai()
+    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
+
+    if is_hybrid_model(args.model):  # MiniCPM-V 4.6 / 4.7: the LLM step with its state as Core AI state
+        from export.coreai_hybrid import export_hybrid  # noqa: PLC0415
+
+        return export_hybrid(args)
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     np_dtype = np.float16 if args.precision == "fp16" else np.float32
     dtype_name = "float16" if args.precision == "fp16" else "float32"

@@ -55,16 +55,9 @@ sha256 is `runtime.manifest.sha256_tree` (one line per file, sorted paths, file 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import logging
-import os
-import resource
 import shutil
-import sys
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +80,21 @@ from export.bundle import (
     vision_example,
     write_embedding_table,
 )
+from export.coreml_package import (
+    GENERATOR,
+    convert,
+    describe,
+    export_program,
+    import_coremltools,
+    np_float,
+    package_entry,
+    peak_rss_mb,
+    publish_package,
+    quiet_converter,
+    save_package,
+    tag_fp32,
+    tree_size,
+)
 from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, audio_records, quantized_model
 from export.stateful_audio import AUDIO_INPUTS, StatefulAudioEncoder, audio_state
 from ios_bridge.bundle import write_readme
@@ -95,16 +103,14 @@ from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
 from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.cli import run
-from runtime.manifest import sha256_tree, write_manifest
+from runtime.manifest import write_manifest
 
-GENERATOR = "minicpm-mobile 0.1.0"
 VISION_INPUTS = ("pixel_values", "position_ids", "patch_mask", "pos_embed")
 LLM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index")
 FUNCTIONS = ("prefill", "decode")
 COMPRESSION = {"format": "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"}
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 TARGETS = ("iOS18", "macOS15")  # the first targets with states and constexpr_blockwise_shift_scale
-KEEP_FP32 = "minicpm-mobile: keep fp32"  # tag put on RMSNorm nodes; the fp16 pass leaves tagged ops alone
 COMPRESSION_QUANTIZATION = 3  # coremltools' CompressionType.QUANTIZATION
 MASK_FILL = -65504.0  # slack columns: the most negative fp16 (finite; exact zero weight after softmax)
 
@@ -232,106 +238,8 @@ def attach_compression(model: MiniCPMV, records: dict, dtype: torch.dtype) -> No
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Conversion
+# Conversion, one function at a time (the converter and package helpers: export/coreml_package.py)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def import_coremltools():
-    """coremltools, imported quietly (it logs warnings about optional frontends it does not need here)."""
-    names = ("coremltools", "torchao", "torch.utils._pytree")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        import coremltools as ct  # noqa: PLC0415
-    except ImportError:
-        raise UserError("coremltools is not installed: pip install coremltools==9.0") from None
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-    if not ct.__version__.startswith("9."):
-        raise UserError(f"this exporter is written for coremltools 9.x, found {ct.__version__}")
-    return ct
-
-
-@contextlib.contextmanager
-def quiet_converter() -> Iterator[None]:
-    """Silence the converter's own progress bars and warnings; our bar says what is converting."""
-    from functools import partial  # noqa: PLC0415
-
-    import coremltools.converters.mil.frontend.torch.ops as torch_ops  # noqa: PLC0415
-    import coremltools.converters.mil.mil.passes.pass_pipeline as pipeline  # noqa: PLC0415
-
-    patched = [(m, a, getattr(m, a)) for m, a in ((torch_ops, "_tqdm"), (pipeline, "tqdm")) if hasattr(m, a)]
-    for module, attr, original in patched:
-        setattr(module, attr, partial(original, disable=True))
-    loggers = [logging.getLogger(n) for n in ("coremltools", "torch.export", "torch._dynamo", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for module, attr, original in patched:
-            setattr(module, attr, original)
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def export_program(module: nn.Module, args: tuple) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) decomposed to core ATen: what coremltools' torch.export frontend reads. Static
-    shapes throughout: each function is exported at its own T."""
-    try:
-        with torch.no_grad(), quiet_converter():
-            return torch.export.export(module, args, strict=False).run_decompositions({})
-    except Exception as e:  # noqa: BLE001 (one line for the user; the cause stays chained for debugging)
-        raise UserError(f"torch.export cannot trace {type(module).__name__}: {_first_line(e)}") from e
-
-
-def tag_fp32(program: torch.export.ExportedProgram) -> int:
-    """Tag the nodes of every *RMSNorm module: coremltools keeps a node's stack trace as the op's scope, and
-    the fp16 pass's op selector (`keep_fp32`) leaves tagged ops in float32. Returns the number tagged."""
-    tagged = 0
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if any(str(entry[1]).endswith("RMSNorm") for entry in stack.values()):
-            node.meta["stack_trace"] = f"{KEEP_FP32}\n{node.meta.get('stack_trace') or ''}"
-            tagged += 1
-    return tagged
-
-
-def keep_fp32(op) -> bool:
-    """op_selector of FP16ComputePrecision: True = compute in fp16."""
-    from coremltools.converters.mil.mil.scope import ScopeSource  # noqa: PLC0415
-
-    traces = getattr(op, "scopes", {}).get(ScopeSource.EXIR_STACK_TRACE, [])
-    return not any(trace is not None and KEEP_FP32 in str(trace) for trace in traces)
-
-
-def convert(ct, program, inputs: list, outputs: list, args: argparse.Namespace, fp32_ops: bool, what: str):
-    """ct.convert with the export's target and precision (states come from the program's mutated buffers)."""
-    if args.precision == "fp32":
-        precision = ct.precision.FLOAT32
-    else:
-        precision = ct.transform.FP16ComputePrecision(op_selector=keep_fp32 if fp32_ops else lambda op: True)
-    try:
-        with quiet_converter():
-            return ct.convert(program, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-                              minimum_deployment_target=getattr(ct.target, args.target), compute_precision=precision,
-                              compute_units=getattr(ct.ComputeUnit, args.compute_units.upper()), skip_model_load=True)
-    except Exception as e:  # noqa: BLE001 (one line for the user; the cause stays chained for debugging)
-        raise UserError(f"coremltools {ct.__version__} cannot convert the {what}: {_first_line(e)}") from e
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _np_float(args: argparse.Namespace):
-    return np.float16 if args.precision == "fp16" else np.float32
 
 
 # ----- vision ----------------------------------------------------------------------------------------------
@@ -339,7 +247,7 @@ def _np_float(args: argparse.Namespace):
 
 def vision_tensor_types(ct, args: argparse.Namespace, hidden: int, patch: int, frames: int | None = None) -> list:
     """Inputs of the vision package at batch 1; `frames`: the video function's frame-slot axis."""
-    floating, lead = _np_float(args), (1,) if frames is None else (1, frames)
+    floating, lead = np_float(args), (1,) if frames is None else (1, frames)
     return [ct.TensorType(name="pixel_values", shape=(*lead, 3, patch, args.max_patches * patch), dtype=floating),
             ct.TensorType(name="position_ids", shape=(*lead, args.max_patches), dtype=np.int32),
             ct.TensorType(name="patch_mask", shape=(*lead, args.max_patches), dtype=floating),
@@ -356,7 +264,7 @@ def convert_vision_function(ct, step: nn.Module, examples: list[dict], inputs: l
     error = max(max_abs_error(traced(*(e[n] for n in VISION_INPUTS)), step(*(e[n] for n in VISION_INPUTS)))
                 for e in examples)
     del traced
-    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="features", dtype=_np_float(args))], args,
+    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="features", dtype=np_float(args))], args,
                       fp32_ops=False, what=what)
     return mlmodel, error
 
@@ -373,7 +281,7 @@ def export_vision(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, meta
     path = out / "vision.mlpackage"
     facts = {**metadata, "max_patches": args.max_patches, "ane_variant": args.ane_vision}
     if not model.resampler.temporal:
-        _save(mlmodel, path, "MiniCPM-V vision: one slice (patch row) -> query_num x H features",
+        save_package(mlmodel, path, "MiniCPM-V vision: one slice (patch row) -> query_num x H features",
               {**facts, "function": "vision"})
         return path, errors
     parts = out / ".vision-functions"
@@ -466,7 +374,7 @@ def llm_example(wrapper: StatefulLanguageModel, tokens: int) -> tuple[torch.Tens
 def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: argparse.Namespace,
                          progress: tqdm) -> dict[str, Path]:
     """Convert the prefill and decode functions one at a time into single-function packages in `parts`."""
-    floating = _np_float(args)
+    floating = np_float(args)
     hidden, context = wrapper.step.norm.weight.shape[0], wrapper.max_context
     paths = {}
     for name, tokens in (("prefill", args.prefill_chunk), ("decode", 1)):
@@ -495,7 +403,7 @@ def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: 
 
 
 def audio_tensor_types(ct, args: argparse.Namespace, wrapper: StatefulAudioEncoder, n_mels: int) -> list:
-    floating, frames = _np_float(args), wrapper.chunk
+    floating, frames = np_float(args), wrapper.chunk
     return [ct.TensorType(name="mel", shape=(1, n_mels, 2 * frames + 3), dtype=floating),
             ct.TensorType(name="conv_mask", shape=(1, 2 * frames + 1), dtype=floating),
             ct.TensorType(name="position_ids", shape=(frames,), dtype=np.int32),
@@ -531,10 +439,10 @@ def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metad
                                                   expected)}
     wrapper.reset()  # the program's module writes the wrapper's buffers
     mlmodel = convert(ct, program, audio_tensor_types(ct, args, wrapper, model.apm.num_mel_bins),
-                      [ct.TensorType(name="tokens", dtype=_np_float(args))], args, fp32_ops=False, what="audio step")
+                      [ct.TensorType(name="tokens", dtype=np_float(args))], args, fp32_ops=False, what="audio step")
     del program
     path = out / "audio.mlpackage"
-    _save(mlmodel, path, f"MiniCPM-o audio: one 1 s chunk ({wrapper.chunk} encoder frames) -> "
+    save_package(mlmodel, path, f"MiniCPM-o audio: one 1 s chunk ({wrapper.chunk} encoder frames) -> "
           f"{wrapper.chunk // step.pool} tokens, encoder cache as state",
           {**metadata, "function": "audio", "chunk_frames": wrapper.chunk, "state_slots": wrapper.positions,
            "states": "k_cache_{layer}, v_cache_{layer}"})
@@ -562,82 +470,7 @@ def merge_functions(ct, parts: dict[str, Path], path: Path, default: str, descri
     spec = ct.utils.load_spec(str(path))
     describe(spec, description, metadata)
     spec_path.write_bytes(spec.SerializeToString())
-    _publish(path)
-
-
-# ----- package helpers -------------------------------------------------------------------------------------
-
-
-def describe(spec, description: str, metadata: dict) -> None:
-    """Key facts in a package spec's metadata (Xcode shows them; user-defined values are strings)."""
-    spec.description.metadata.author = GENERATOR
-    spec.description.metadata.shortDescription = description
-    spec.description.metadata.versionString = GENERATOR.split()[-1]
-    for key, value in _strings(metadata).items():
-        spec.description.metadata.userDefined[key] = value
-
-
-def _strings(metadata: dict) -> dict[str, str]:
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in metadata.items()}
-
-
-def _save(mlmodel, path: Path, description: str, metadata: dict) -> None:
-    mlmodel.author, mlmodel.short_description = GENERATOR, description
-    mlmodel.version = GENERATOR.split()[-1]
-    mlmodel.user_defined_metadata.update(_strings(metadata))
-    with quiet_converter():
-        mlmodel.save(str(path))
-    _publish(path)
-
-
-def _publish(path: Path) -> None:
-    """coremltools writes private (0600 / 0700) files; an export is an ordinary readable directory."""
-    for root, dirs, files in os.walk(path):
-        os.chmod(root, 0o755)
-        for d in dirs:
-            os.chmod(Path(root) / d, 0o755)
-        for f in files:
-            os.chmod(Path(root) / f, 0o644)
-
-
-def tree_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def package_entry(out: Path, path: Path) -> dict:
-    """Manifest artifact of an .mlpackage (a directory): tree digest, total size, and each function's I/O."""
-    ct = import_coremltools()
-    spec = ct.utils.load_spec(str(path))
-    desc = spec.description
-    functions = {f.name: _io(f) for f in desc.functions} if len(desc.functions) else {"main": _io(desc)}
-    entry = {"path": path.name, "sha256": sha256_tree(path), "size": tree_size(path), "format": "mlpackage",
-             "sha256_of": "directory tree (runtime.manifest.sha256_tree)", "functions": functions}
-    if list(functions) == ["main"]:
-        entry.update(inputs=functions["main"]["inputs"], outputs=functions["main"]["outputs"])
-    else:
-        entry["default_function"] = desc.defaultFunctionName
-    return entry
-
-
-def _io(desc) -> dict:
-    """Inputs, outputs and states of one function, as manifest tensors."""
-    from coremltools.proto import FeatureTypes_pb2  # noqa: PLC0415
-
-    names = {v: k.lower() for k, v in FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.items()}
-    dtypes = {"float16": "float16", "float32": "float32", "int32": "int32", "double": "float64"}
-
-    def tensor(feature, array) -> dict:
-        return {"name": feature.name, "shape": [int(d) for d in array.shape],
-                "dtype": dtypes.get(names[array.dataType], names[array.dataType])}
-
-    return {"inputs": [tensor(f, f.type.multiArrayType) for f in desc.input],
-            "outputs": [tensor(f, f.type.multiArrayType) for f in desc.output],
-            "states": [tensor(f, f.type.stateType.arrayType) for f in desc.state]}
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    publish_package(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="MatMulNBits compute: 4 = int8 activations on CPU (default, fast), 0 = the graph's "
                              "float type")
     args = parser.parse_args(argv)
-    check_export_arguments(args)
     from export.onnx_hybrid import export_hybrid, is_hybrid_model  # noqa: PLC0415
 
     if is_hybrid_model(args.model):  # MiniCPM-V 4.6 / 4.7: the LLM step with per-layer state (export/onnx_hybrid.py)
-        return export_hybrid(args)
+        return export_hybrid(args)  # checks the arguments once its --max-patches default is known
+    check_export_arguments(args)
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.symmetric and args.quant == "none":

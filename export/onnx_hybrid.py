@@ -1,4 +1,5 @@
-"""`python -m export.onnx` for the hybrid models (MiniCPM-V 4.6 / 4.7): the LLM step with its per-layer state.
+"""`python -m export.onnx` for the hybrid models (MiniCPM-V 4.6 / 4.7): the LLM step with its per-layer state and
+the one-slice vision step.
 
 `export.onnx` dispatches here when the checkpoint's config.json names a hybrid model_type. Written:
 - `llm.onnx`: `minicpm.hybrid_step.HybridLanguageModelStep` with a dynamic token count T (1 .. prefill chunk): one
@@ -18,9 +19,17 @@ inside the graph (pad rows: decay 0, beta 0, so the state is untouched; the same
 chunk) and runs the sub-chunk recurrence as a `scan` (ONNX `Scan`) over a symbolic number of sub-chunks. Same
 mathematics, measured against the unmodified torch step.
 
-Vision: this export is text-only until the vision step (`minicpm.hybrid_vision`) lands; the manifest says so
-(`schedule.modalities`) and the runtime refuses an image in one line. Quantisation: float only for now (int4 of the
-gated delta-net projections needs the Qwen3.5 layout in quant/): an explicit `--quant int4-*` is refused.
+- `vision.onnx`: `minicpm.hybrid_vision.HybridVisionStep`, one image slice per call at a fixed patch row of P =
+  `--max-patches` patches (default: `max_patches_bound` of the checkpoint's image processor settings, the largest
+  slice it makes up to aspect 20), every index and mask computed on the host. Inputs `pixel_values [1, 3, p, P*p]`,
+  `position_ids [P]`, `patch_order [P]`, `patch_mask [P]`; output `features [P / m, H]` (m patches per token: 16
+  in "16x" mode, 4 in "4x"), of which the first (h/4)(w/4) rows ("16x") are the slice's tokens. The manifest's
+  `steps.vision` lists the layout as data (P, inputs, downsample_mode, window and merge kernels, the valid-rows
+  rule), so a runtime builds the inputs without the model config; `schedule.modalities` gains "image". Parity is
+  measured on every slice of a sliced test photo against the unmodified torch step.
+
+Quantisation: float only for now (int4 of the gated delta-net projections needs the Qwen3.5 layout in quant/): an
+explicit `--quant int4-*` is refused.
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from export.bundle import (
     MODEL_FILES,
     build_hybrid_manifest,
+    check_export_arguments,
     copy_model_files,
     file_entry,
     max_abs_error,
@@ -47,12 +59,14 @@ from export.bundle import (
 from minicpm.cache import StateCache, StateSpec
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep, unit_lower_inverse
+from minicpm.hybrid_vision import HybridVisionStep, max_patches_bound, split_slices
 from minicpm.v4_6 import HybridCheckpoint, is_hybrid_config
 from runtime.manifest import write_manifest
 
 SUB_CHUNK = 16  # rows per delta-rule sub-chunk, as the torch step
 HYBRID_FILES = [*MODEL_FILES, "processor_config.json", "video_preprocessor_config.json"]
 STEP_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index", "valid_tokens"]
+VISION_IO = (["pixel_values", "position_ids", "patch_order", "patch_mask"], ["features"])
 
 
 def is_hybrid_model(name: str) -> bool:
@@ -176,6 +190,67 @@ def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtyp
     return _artifact(out, path), error, spec
 
 
+def test_photo(width: int = 640, height: int = 480) -> Image.Image:
+    """A deterministic photo-like test image (smooth colour fields, an edge and mild noise; made here, no network):
+    at 640x480 the processor slices it (source image + a 1x2 grid)."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([0.5 + 0.4 * np.sin(6 * x + 2 * y), 0.5 + 0.4 * np.cos(4 * y - 3 * x), 0.3 + 0.5 * (x > y)], -1)
+    rgb += np.random.RandomState(0).normal(0, 0.03, rgb.shape)
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def default_max_patches(ckpt: HybridCheckpoint) -> int:
+    """The vision graph's patch row when --max-patches is not given: the largest slice the checkpoint's image
+    processor makes from any image up to aspect ratio 20 (`max_patches_bound`)."""
+    ip = ckpt.processor.image_processor
+    return max_patches_bound(ip.scale_resolution, ip.patch_size, ip.downsample_mode)
+
+
+def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dtype: torch.dtype
+                  ) -> tuple[dict, float, dict]:
+    """Trace the one-slice vision step at a fixed patch row; measure onnxruntime against the torch step on every
+    slice of a sliced test photo (each padded to the row). Returns the artifact, the error and `steps.vision`."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from export.onnx import _artifact, _export  # noqa: PLC0415 (export.onnx dispatches to this module)
+
+    mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
+    step = HybridVisionStep(model, downsample_mode=mode).eval()
+    layout = step.layout
+    if max_patches % layout.patches_per_token:
+        raise UserError(f"--max-patches {max_patches} must be a multiple of {layout.patches_per_token} (the patches "
+                        f"one token merges in {mode} mode)")
+    processed = ckpt.processor.image_processor([test_photo()], return_tensors="pt")
+    examples = []
+    for one in split_slices(processed):
+        inputs = step.vision_inputs(one, max_patches)  # float32 / int64 numpy, as the runtime builds them
+        examples.append(tuple(torch.from_numpy(inputs[n]).to(dtype) if inputs[n].dtype == np.float32
+                              else torch.from_numpy(inputs[n]) for n in VISION_IO[0]))
+    path = out / "vision.onnx"
+    _export(step, examples[0], path, VISION_IO, None)  # every shape static: one slice, P patches
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    error = 0.0
+    for args in examples:
+        with torch.no_grad():
+            expected = step(*args).float().numpy()
+        got = session.run(None, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
+        error = max(error, max_abs_error(got, expected))
+    facts = {
+        "artifact": "vision", "slices_per_call": 1, "max_patches": max_patches,
+        "inputs": VISION_IO[0], "output": VISION_IO[1][0], "downsample_mode": mode,
+        "patch_size": layout.patch_size, "num_patches_per_side": layout.num_patches_per_side,
+        "window": layout.window, "merge": list(layout.merge), "merger_times": layout.merger_times,
+        "block": list(layout.block), "rows": max_patches // layout.patches_per_token,
+        "valid_rows": f"the first (h / {layout.block[0]}) * (w / {layout.block[1]}) rows of a slice of h x w "
+                      "patches are its tokens in the model's order (keep them); the rest are zeros",
+        "host": "minicpm.hybrid_vision.vision_inputs: the processor's patch row zero-padded to max_patches, NaViT "
+                "position ids, the nested block order (window, then merge blocks) and the patch mask",
+    }
+    return _artifact(out, path), error, facts
+
+
 def check_hybrid_arguments(args: argparse.Namespace) -> None:
     """What a hybrid export cannot do yet, refused in one line before anything is loaded."""
     if args.quant not in (None, "none"):
@@ -188,18 +263,27 @@ def check_hybrid_arguments(args: argparse.Namespace) -> None:
 
 
 def export_hybrid(args: argparse.Namespace) -> int:
-    """The whole export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.onnx)."""
+    """The whole export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.onnx, not yet checked:
+    --max-patches defaults to the checkpoint's processor bound here)."""
     check_hybrid_arguments(args)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     ckpt = HybridCheckpoint.open(args.model)
+    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
+        args.max_patches = default_max_patches(ckpt)
+    check_export_arguments(args)
     if (ckpt.path / "quant_config.json").is_file():
         raise UserError(f"{ckpt.path}: quantised MiniCPM-V 4.6 / 4.7 checkpoints are not yet supported by the ONNX "
                         "exporter")
     model, _ = ckpt.load_model("float32")
     model.to(dtype)
-    steps = tqdm(total=3, desc="export.onnx", unit="step")
+    steps = tqdm(total=4, desc="export.onnx", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
+        t = time.perf_counter()
+        steps.set_postfix_str("vision graph")
+        artifacts["vision"], parity["vision"], vision = export_vision(model, ckpt, out, args.max_patches, dtype)
+        rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"], time.perf_counter() - t))
+        steps.update()
         t = time.perf_counter()
         steps.set_postfix_str("llm graph")
         artifacts["llm"], parity["llm"], spec = export_llm(model, out, args.max_context, args.prefill_chunk, dtype)
@@ -215,14 +299,16 @@ def export_hybrid(args: argparse.Namespace) -> int:
         steps.set_postfix_str("manifest")
         manifest = build_hybrid_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                          "float16" if args.dtype == "fp16" else "float32", parity, spec,
-                                         {"prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
+                                         {"vision": vision,
+                                          "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
                                           "decode": {"artifact": "llm", "tokens": 1}})
         write_manifest(out, manifest)
         steps.update()
     steps.close()
     print_summary(f"ONNX export of {ckpt.variant.name} -> {args.out}", rows)
     print("float weights (--quant none: int4 for the hybrid models is not yet supported)")
-    print("note: text-only export: the vision step of MiniCPM-V 4.6 / 4.7 is not exported yet")
+    print(f"vision: one slice per call, {args.max_patches} patches ({vision['rows']} feature rows, "
+          f"{vision['downsample_mode']} mode)")
     return 0
 
 

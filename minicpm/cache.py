@@ -126,17 +126,19 @@ class StateCache:
     """Host side of the schedule: the state tensors, the number of tokens they hold, and the additive mask of the
     next step. Model-agnostic: everything comes from the `StateSpec`."""
 
-    def __init__(self, spec: StateSpec):
-        self.spec = spec
-        self.state = spec.zeros()
+    def __init__(self, spec: StateSpec, hold: bool = True):
+        """hold=False: the state lives in the backend's graph (Core AI states, ExecuTorch buffers); the cache then
+        keeps only the token count, for masks, positions and the context-full check (`advance`)."""
+        self.spec, self.hold = spec, hold
+        self.state = spec.zeros() if hold else {}
         self.length = 0
 
     def reset(self) -> None:
-        self.state = self.spec.zeros()
+        self.state = self.spec.zeros() if self.hold else {}
         self.length = 0
 
     def copy(self) -> StateCache:
-        other = StateCache(self.spec)
+        other = StateCache(self.spec, self.hold)
         other.state = {k: v.clone() for k, v in self.state.items()}
         other.length = self.length
         return other
@@ -158,6 +160,11 @@ class StateCache:
         if self.length + valid > self.spec.max_context:
             raise UserError(f"context full: {self.length} + {valid} tokens exceed max_context {self.spec.max_context} "
                             "(the full-attention KV); restart the conversation from a shorter history")
+
+    def advance(self, valid: int) -> None:
+        """Count `valid` tokens whose state the backend wrote itself (hold=False)."""
+        self.check_room(valid)
+        self.length += valid
 
     def commit(self, new_state: dict[str, torch.Tensor], valid: int) -> None:
         """Take a step's outputs: KV rows of the `valid` real tokens appended, conv/recurrent states replaced."""

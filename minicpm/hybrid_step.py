@@ -26,6 +26,8 @@ or mutable buffer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,6 +133,23 @@ class HybridLanguageModelStep(nn.Module):
                 last_index: torch.Tensor, valid_tokens: torch.Tensor, *state: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         past = dict(zip(self.spec.names, state, strict=True))
+
+        def attend_over(i: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Full-attention layer i's keys and values: its C cache slots, then the T new rows."""
+            return (torch.cat([past["past_keys"][i][None].to(key.dtype), key], dim=2),
+                    torch.cat([past["past_values"][i][None].to(value.dtype), value], dim=2))
+
+        return self.run_layers(inputs_embeds, position_ids, attention_mask, last_index, valid_tokens, attend_over,
+                               past.get("conv_state"), past.get("recurrent_state"))
+
+    def run_layers(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   last_index: torch.Tensor, valid_tokens: torch.Tensor, attend_over,
+                   conv_state: torch.Tensor | None, recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The layers over the T new tokens. `attend_over(i, key, value) -> (keys, values)` gives full-attention
+        layer i ([1, kv_heads, T, head_dim] new rows in) the keys and values its queries read, whose columns
+        `attention_mask` describes: `forward` concatenates its cache input; a stateful exporter writes the rows
+        into its state buffer first and returns the buffer (export/stateful_hybrid.py). Returns the step's
+        outputs (logits, then one update per state tensor)."""
         tokens = inputs_embeds.shape[1]
         if tokens > self.max_chunk:
             raise ValueError(f"{tokens} tokens in one step exceed max_chunk {self.max_chunk}")
@@ -146,15 +165,14 @@ class HybridLanguageModelStep(nn.Module):
             if kind == "full_attention":
                 i = full_index
                 full_index += 1
-                out, k, v = self.attention(layer.self_attn, x, cos, sin, mask, past["past_keys"][i],
-                                           past["past_values"][i])
+                out, k, v = self.attention(layer.self_attn, x, cos, sin, mask, functools.partial(attend_over, i))
                 new_keys.append(k)
                 new_values.append(v)
             else:
                 i = linear_index
                 linear_index += 1
                 out, conv, recurrent = self.linear_attention(layer.linear_attn, x, valid, valid_tokens,
-                                                             past["conv_state"][i], past["recurrent_state"][i])
+                                                             conv_state[i], recurrent_state[i])
                 new_conv.append(conv)
                 new_recurrent.append(recurrent)
             hidden = hidden + out
@@ -168,8 +186,9 @@ class HybridLanguageModelStep(nn.Module):
         return tuple(outputs)
 
     def attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                  past_keys: torch.Tensor, past_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Qwen3.5 gated full attention over the cache slots and the new tokens; returns the new K/V rows."""
+                  attend_over) -> tuple[torch.Tensor, ...]:
+        """Qwen3.5 gated full attention over the keys `attend_over(key, value)` gives (the cache slots and the new
+        tokens); returns the new K/V rows."""
         batch, tokens = x.shape[:2]
         query, gate = torch.chunk(attn.q_proj(x).view(batch, tokens, -1, self.head_dim * 2), 2, dim=-1)
         gate = gate.reshape(batch, tokens, -1)
@@ -177,8 +196,7 @@ class HybridLanguageModelStep(nn.Module):
         key = attn.k_norm(attn.k_proj(x).view(batch, tokens, -1, self.head_dim)).transpose(1, 2)
         value = attn.v_proj(x).view(batch, tokens, -1, self.head_dim).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys = torch.cat([past_keys[None].to(key.dtype), key], dim=2)
-        values = torch.cat([past_values[None].to(value.dtype), value], dim=2)
+        keys, values = attend_over(key, value)
         # GQA without copying the cache per query head: query head h reads KV head h // groups, so the heads
         # sharing a KV head are stacked as rows [groups * T] of one product (row g * T + t).
         q = query.reshape(batch, self.kv_heads, self.groups * tokens, self.head_dim)

@@ -23,12 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from minicpm.errors import UserError
@@ -347,14 +350,58 @@ def prompt_positions(model: PreTrainedModel, inputs) -> tuple[torch.Tensor, int]
     return positions[:, 0], int(deltas[0, 0])
 
 
+def canvas_positions(model_class: type[PreTrainedModel], config: PretrainedConfig, input_ids: list[int],
+                     target_sizes, downsample_mode: str | None = None) -> tuple[np.ndarray, int]:
+    """M-RoPE positions [3, S] (int64) of one token sequence holding image placeholders, and its delta (max
+    position + 1 - S), through the model's own canvas position code (`get_rope_index` of 4.7's inner model) on the
+    host: no weights needed, that code reads only `self.config`. `target_sizes` [N, 2]: every slice's patch grid, in
+    prompt order; the modality of each token is its placeholder id (the processor's `mm_token_type_ids`).
+
+    Positions are relative to the sequence start and shift with it: for a sequence that does not open with an image
+    (a chat turn never does), get_rope_index over `history + turn` gives the turn's tokens exactly these positions
+    plus the history's next position, which is how the runtime places a later turn (see runtime/session.py)."""
+    inner_class = getattr(sys.modules[model_class.__module__], model_class.__name__.replace(
+        "ForConditionalGeneration", "Model"))
+    code = inner_class.__new__(inner_class)  # the class's methods over a config, no modules built
+    nn.Module.__init__(code)
+    code.config = config
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    types = torch.zeros_like(ids, dtype=torch.int32)
+    types[ids == config.image_token_id] = 1
+    types[ids == config.video_token_id] = 2
+    sizes = torch.as_tensor(np.asarray(target_sizes, dtype=np.int64)).reshape(-1, 2)
+    positions, deltas = code.get_rope_index(ids, mm_token_type_ids=types, target_sizes=sizes,
+                                            downsample_mode=downsample_mode)
+    return positions[:, 0].numpy().astype(np.int64), int(deltas[0, 0])
+
+
+@dataclass
+class HybridImage:
+    """One image of a hybrid prompt as the model's image processor prepared it: its slices in the processor's order
+    (the source image first, then the grid cells row by row), each `pixel_values` [1, 3, p, h*w*p] (the packed
+    patch row of that slice) with its patch grid (h, w) in `tgt_sizes`. The session's vision schedule reads these
+    (`minicpm.hybrid_vision.vision_inputs` per slice)."""
+
+    pixel_values: list[torch.Tensor]
+    tgt_sizes: list[tuple[int, int]]
+    temporal_ids: None = None  # an image, not a video frame group (the older models' prompts share this field)
+
+    def slices(self) -> list[dict]:
+        """One `{"pixel_values", "target_sizes"}` dict per slice, as `minicpm.hybrid_vision.split_slices` makes."""
+        return [{"pixel_values": pv, "target_sizes": torch.tensor([size])}
+                for pv, size in zip(self.pixel_values, self.tgt_sizes, strict=True)]
+
+
 class HybridPromptBuilder:
     """The runtime's prompts for a 4.6 / 4.7 checkpoint, through the model's own processor and chat template, in the
     `minicpm.prompt.PromptBuilder` interface the session calls (`build` for a conversation's first turn,
     `build_turn` for a continuation of a state that ends with the last generated token).
 
-    Messages are the toolkit's (`content`: a string or a list of strings, PIL images and typed dicts) and become
-    transformers' content lists. Text only for now: images and videos need the hybrid vision step, so an image item
-    is refused here in one line (the session refuses them earlier for a text-only export)."""
+    Messages are the toolkit's (`content`: a string or a list of strings, PIL images / arrays and typed dicts) and
+    become transformers' content lists. Images go through the processor with the prompt text: it slices them and
+    expands each placeholder (one run of image tokens per slice, in the order of `pixel_values`); the prompt's
+    `image_bounds` are those runs, its `images` one `HybridImage` per image. Video items are refused in one line
+    (the hybrid video schedule is not built yet)."""
 
     # A string no tokenizer merges with its neighbours, to find what the template puts after a message's content.
     _SENTINEL = "\u2063MINICPM\u2063"
@@ -363,54 +410,114 @@ class HybridPromptBuilder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
 
-    def _chat(self, messages: list[dict]) -> list[dict]:
-        out = []
+    def _chat(self, messages: list[dict]) -> tuple[list[dict], list]:
+        from minicpm.prompt import is_image  # noqa: PLC0415
+
+        out, images = [], []
         for m in messages:
             content = m["content"]
-            items = [content] if isinstance(content, str) else list(content)
+            items = [content] if isinstance(content, str) or is_image(content) else list(content)
             converted = []
             for item in items:
                 if isinstance(item, str):
                     converted.append({"type": "text", "text": item})
                 elif isinstance(item, dict) and item.get("type") == "text":
                     converted.append(item)
+                elif is_image(item):
+                    image = item.get("image") if isinstance(item, dict) else item
+                    if not isinstance(image, Image.Image | np.ndarray):
+                        raise UserError("an {'type': 'image'} content item needs its 'image' (a PIL image or array)")
+                    images.append(image)
+                    converted.append({"type": "image"})
                 else:
-                    kind = item.get("type", "image") if isinstance(item, dict) else "image"
-                    raise UserError(f"MiniCPM-V 4.6 / 4.7 prompts take text only for now ({kind} input needs the "
-                                    "hybrid vision step)")
+                    kind = item.get("type", "unknown") if isinstance(item, dict) else type(item).__name__
+                    raise UserError(f"MiniCPM-V 4.6 / 4.7 prompts take text and images for now ({kind} input is "
+                                    "not supported)")
             out.append({"role": m["role"], "content": converted})
-        return out
+        return out, images
 
-    def _render(self, messages: list[dict], enable_thinking: bool, generation: bool = True) -> str:
-        return self.processor.apply_chat_template(self._chat(messages), tokenize=False,
-                                                  add_generation_prompt=generation, enable_thinking=enable_thinking)
+    def _render(self, messages: list[dict], enable_thinking: bool, generation: bool = True) -> tuple[str, list]:
+        chat, images = self._chat(messages)
+        return self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation,
+                                                  enable_thinking=enable_thinking), images
 
-    def _prompt(self, text: str):
+    def _prompt(self, text: str, images: list, first_image: int = 0, max_slice_nums: int | None = None):
+        """Tokens of `text` with its image placeholders expanded by the processor. Image ids (`use_image_id`) count
+        the conversation's images: the processor numbers each call's images from 0, so with earlier images in the
+        state the tags are written here (`<image_id>N</image_id>` before each placeholder, as the processor writes
+        them for one whole-conversation call) and the processor adds none."""
         from minicpm.prompt import Prompt  # noqa: PLC0415
 
-        ids = self.processor(text=[text], return_tensors="pt")["input_ids"][0].tolist()
-        return Prompt(ids, [], [], text)
+        processor, kwargs = self.processor, {}
+        if images:
+            if processor.default_use_image_id:
+                parts = text.split(processor.image_token)
+                text = parts[0] + "".join(f"{processor.image_id_start_token}{first_image + i}"
+                                          f"{processor.image_id_end_token}{processor.image_token}{part}"
+                                          for i, part in enumerate(parts[1:]))
+            kwargs = {"images": images, "use_image_id": False,
+                      **({"max_slice_nums": max_slice_nums} if max_slice_nums else {})}
+        out = processor(text=[text], return_tensors="pt", **kwargs)
+        ids = out["input_ids"][0].tolist()
+        bounds = _runs(ids, processor.image_token_id)
+        hybrid_images = _group_slices(out, ids, bounds, processor.tokenizer.convert_tokens_to_ids(
+            processor.image_start_token)) if images else []
+        if len(hybrid_images) != len(images):
+            raise UserError(f"the processor expanded {len(hybrid_images)} image placeholders for {len(images)} images "
+                            "(the chat template must write one per image item)")
+        return Prompt(ids, bounds, hybrid_images, text)
 
     def build(self, messages: list[dict], max_slice_nums: int | None = None, enable_thinking: bool = False,
               stream_input: bool | None = None, tts_template: bool | None = None):
         """The whole prompt of a conversation's first turn: the chat template with its generation prompt."""
-        return self._prompt(self._render(messages, enable_thinking))
+        return self._prompt(*self._render(messages, enable_thinking), 0, max_slice_nums)
 
     def build_turn(self, messages: list[dict], first_image: int, max_slice_nums: int | None = None,
                    enable_thinking: bool = False, stream_input: bool | None = None,
                    tts_template: bool | None = None):
         """The tokens continuing a conversation whose state ends with the last generated token: the template's
         end of an assistant message (the stop token is never fed back), then the new messages as the template
-        renders them, with its generation prompt."""
-        return self._prompt(self.answer_footer() + self._render(messages, enable_thinking))
+        renders them, with its generation prompt. `first_image`: images already in the conversation."""
+        text, images = self._render(messages, enable_thinking)
+        return self._prompt(self.answer_footer() + text, images, first_image, max_slice_nums)
 
     def answer_footer(self) -> str:
         """What the chat template writes after an assistant message's content (ChatML: "<|im_end|>\\n")."""
-        text = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": self._SENTINEL}],
-                            False, generation=False)
+        text, _ = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": self._SENTINEL}],
+                               False, generation=False)
         if self._SENTINEL not in text:
             raise UserError("the chat template drops assistant messages: cannot continue a conversation")
         return text.rsplit(self._SENTINEL, 1)[1]
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """[start, end) of every maximal run of `token` in `ids`."""
+    out, start = [], None
+    for i, t in enumerate([*ids, None]):
+        if t == token and start is None:
+            start = i
+        elif t != token and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _group_slices(processed, ids: list[int], bounds: list[tuple[int, int]], image_start: int) -> list[HybridImage]:
+    """The processor's packed slices, one `HybridImage` per image: a run of placeholders right after the image
+    start marker opens an image (its source image), the runs after `<slice>` markers are its grid cells."""
+    from minicpm.hybrid_vision import split_slices  # noqa: PLC0415
+
+    slices = split_slices(processed)
+    if len(slices) != len(bounds):
+        raise UserError(f"the processor made {len(slices)} slices but the prompt holds {len(bounds)} placeholder runs")
+    images = []
+    for (start, _), one in zip(bounds, slices, strict=True):
+        if start == 0 or ids[start - 1] == image_start or not images:
+            images.append(HybridImage([], []))
+        h, w = (int(v) for v in one["target_sizes"][0])
+        images[-1].pixel_values.append(one["pixel_values"])
+        images[-1].tgt_sizes.append((h, w))
+    return images
 
 
 def stop_token_ids(tokenizer, generation_config: dict | None = None) -> list[int]:

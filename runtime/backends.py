@@ -26,6 +26,8 @@ import torch
 
 from minicpm.errors import UserError
 
+# A hybrid export's step inputs besides its state (minicpm.hybrid_step; the state: the backend's, or named inputs)
+STATE_STEP_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "last_index", "valid_tokens")
 BACKENDS = ("torch", "onnxruntime", "coreml", "executorch", "coreai")  # each exporter issue adds its runtime here
 # The runtime each export format runs on unless --backend says otherwise (torch runs any export's split).
 DEFAULT_BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml", "coreai": "coreai"}
@@ -71,17 +73,27 @@ class TorchBackend:
 
 
 class HybridTorchBackend:
-    """The eager hybrid LLM step (`minicpm.hybrid_step`) of a MiniCPM-V 4.6 / 4.7 checkpoint: `llm(...)` takes the
-    step's inputs and every state tensor by name, and returns the logits and one update per state tensor."""
+    """The eager hybrid steps of a MiniCPM-V 4.6 / 4.7 checkpoint: `llm(...)` (`minicpm.hybrid_step`) takes the
+    step's inputs and every state tensor by name, and returns the logits and one update per state tensor;
+    `vision(...)` (`minicpm.hybrid_vision`, when the export has `steps.vision`) one slice's fixed-shape inputs."""
 
     name = "torch"
+    VISION_INPUTS = ("pixel_values", "position_ids", "patch_order", "patch_mask")
 
     def __init__(self, source: str, schedule: dict):
         from minicpm.hybrid_step import HybridLanguageModelStep  # noqa: PLC0415
+        from minicpm.hybrid_vision import HybridVisionStep  # noqa: PLC0415
         from minicpm.v4_6 import load_model  # noqa: PLC0415
 
         model, _ = load_model(source, "float32")
         self.llm_step = HybridLanguageModelStep(model, schedule["max_context"], schedule["prefill_chunk"]).eval()
+        vision = schedule["steps"].get("vision")
+        self.vision_step = HybridVisionStep(model, vision["downsample_mode"]).eval() if vision else None
+
+    @torch.no_grad()
+    def vision(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.vision_step(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.VISION_INPUTS)
+                                ).numpy()
 
     @torch.no_grad()
     def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -336,15 +348,18 @@ class CoreAIBackend:
 
         schedule = manifest["schedule"]
         steps, state = schedule["steps"], schedule["coreai"]["state"]
-        video = steps.get("video")
-        loaded = load(steps["vision"]["artifact"], [steps["vision"].get("function", "main")]
-                      + ([video["function"]] if video else []))  # one asset: the video function shares the weights
+        video, vision = steps.get("video"), steps.get("vision")  # a text-only hybrid export has no vision step
+        loaded = load(vision["artifact"], [vision.get("function", "main")] + ([video["function"]] if video else [])) \
+            if vision else [None]  # one asset: the video function shares the weights
         self.vision_function, self.video_function = loaded[0], (loaded[1] if video else None)
         order = ("prefill", "decode")
         loaded = load(steps["prefill"]["artifact"], [steps[s]["function"] for s in order])
         self.functions = {steps[s]["tokens"]: f for s, f in zip(order, loaded, strict=True)}
-        self.state_names, self.state_shape = state["names"], tuple(state["shape"])
-        self.state_dtype = np.dtype(state["dtype"])
+        # The state arrays: the KV cache (names, one shape), or a hybrid export's per-layer state (`tensors`)
+        tensors = state.get("tensors") or {n: {"shape": state["shape"], "dtype": state["dtype"]}
+                                           for n in state["names"]}
+        self.states = {n: (tuple(t["shape"]), np.dtype(t["dtype"])) for n, t in tensors.items()}
+        self.owns_state = "tensors" in state  # hybrid: the session sends no state and takes the logits only
         audio = steps.get("audio")
         self.audio_function = load(audio["artifact"], [audio.get("function", "main")])[0] if audio else None
         self.audio_spec = schedule["coreai"].get("audio_state") if audio else None
@@ -354,7 +369,7 @@ class CoreAIBackend:
 
     def reset(self) -> None:
         """Fresh zeroed state arrays (the KV cache and the audio encoder cache): a new conversation."""
-        self.state = {n: self.NDArray(np.zeros(self.state_shape, self.state_dtype)) for n in self.state_names}
+        self.state = {n: self.NDArray(np.zeros(shape, dtype)) for n, (shape, dtype) in self.states.items()}
         spec = self.audio_spec
         self.audio_state = {n: self.NDArray(np.zeros(spec["shape"], np.dtype(spec["dtype"]))) for n in spec["names"]} \
             if spec else None
@@ -376,11 +391,15 @@ class CoreAIBackend:
                for i in range(len(inputs["pixel_values"]))]  # one frame group per call
         return np.concatenate(out).astype(np.float32)
 
-    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, None, None]:
+    def llm(self, **inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(logits, None, None) for the KV-cache models; (logits,) for a hybrid export (`owns_state`)."""
         tokens = inputs["inputs_embeds"].shape[1]
         width = min((t for t in self.functions if t >= tokens), default=None)
         if width is None:
             raise UserError(f"the Core AI LLM takes at most {max(self.functions)} tokens per call, got {tokens}")
+        if self.owns_state:  # past K/V, conv and recurrent state: the arrays in self.state
+            feed = {n: inputs[n] for n in STATE_STEP_INPUTS} if width == tokens else _pad_state_call(inputs, width)
+            return (self._call(self.functions[width], feed, self.state)["logits"].numpy().astype(np.float32),)
         names = ("inputs_embeds", "position_ids", "attention_mask", "last_index")  # past K/V: the state
         feed = {n: inputs[n] for n in names} if width == tokens else _pad_call(inputs, width)
         logits = self._call(self.functions[width], feed, self.state)["logits"].numpy()
@@ -412,6 +431,25 @@ def _pad_call(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray
     padded[..., tokens:, context:] = np.triu(np.full((width, width), low, dtype=mask.dtype), 1)[tokens:]
     return {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": padded,
             "last_index": inputs["last_index"]}
+
+
+def _pad_state_call(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """A hybrid step call of T tokens as one of `width` (a fixed-width prefill function): zero pad rows after the
+    real ones, kept out of the linear state by `valid_tokens` (unchanged); their K/V land in slots past the real
+    ones, masked until real tokens overwrite them (the state has `width` slack slots). Pad rows see the cached
+    columns as row 0 does (the graph reads the cache length from row 0) and the new rows causally."""
+    x, mask, positions = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
+    tokens = x.shape[1]
+    context = mask.shape[-1] - tokens
+    embeds = np.zeros((1, width, x.shape[2]), dtype=x.dtype)
+    embeds[:, :tokens] = x
+    low = np.finfo(mask.dtype).min
+    padded = np.full((1, 1, width, context + width), low, dtype=mask.dtype)
+    padded[..., :tokens, :context + tokens] = mask
+    padded[..., tokens:, :context] = mask[..., :1, :context]
+    padded[..., tokens:, context:] = np.triu(np.full((width, width), low, dtype=mask.dtype), 1)[tokens:]
+    return {"inputs_embeds": embeds, "position_ids": np.pad(positions, ((0, 0), (0, width - tokens)), mode="edge"),
+            "attention_mask": padded, "last_index": inputs["last_index"], "valid_tokens": inputs["valid_tokens"]}
 
 
 def _close_loop(loop, stack) -> None:

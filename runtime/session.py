@@ -12,6 +12,13 @@ replaced after every call), positions as M-RoPE rows, prompts from the model's o
 schedule (chunked prefill, decode, multi-turn reuse, the context-full policy) is the same code for both. "Context"
 is the full-attention KV: only it grows with the conversation; a linear layer's state has a fixed size whatever
 the length, so `max_context` bounds the KV slots and nothing else.
+
+Images on hybrid exports: the model's own processor slices them with the prompt (`minicpm.v4_6.HybridPromptBuilder`),
+each slice goes through the vision step alone at the fixed patch row of `steps.vision` (host inputs from
+`minicpm.hybrid_vision.vision_inputs`, the layout read from the manifest), its valid rows fill its placeholder run.
+Positions: `schedule.positions.canvas` (4.7) gives a turn with images the model's canvas positions, computed on the
+host with the model's own position code over the turn's tokens and placed after the state's last position; the
+turn's delta then carries on to decode and later turns. Without it (4.6) image tokens take text positions.
 """
 
 from __future__ import annotations
@@ -95,8 +102,11 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation: empty cache, no history."""
         if self.state_spec:
-            self.state = StateCache(self.state_spec)  # zeroed: KV slots, conv and recurrent states
+            # zeroed KV slots, conv and recurrent states; a backend whose graph keeps them as model state (Core AI,
+            # ExecuTorch: `owns_state`) holds them itself and the host keeps only the token count
+            self.state = StateCache(self.state_spec, hold=not getattr(self.backend, "owns_state", False))
             self.rope_delta = 0  # decode position = sequence index + delta (4.7 images make it negative)
+            self.turn_positions = None  # (first sequence index, [3, n] positions) of a canvas-positioned turn
         else:
             kv = self.manifest["schedule"]["kv_cache"]
             # Backends whose graphs keep the cache as state (Core ML, ExecuTorch) reset it themselves.
@@ -139,6 +149,8 @@ class Session:
             offset += end - start
         for (start, end), feats in zip(turn.image_bounds, features, strict=True):
             embeds[start:end] = feats
+        if self.state_spec:
+            self.place_positions(turn)
         logits = self.prefill(embeds)
         self.commit(turn)
         t_prefill = time.perf_counter()
@@ -185,9 +197,10 @@ class Session:
                 kind = "text" if isinstance(item, str) else (item.get("type", "image") if isinstance(item, dict)
                                                              else "image")
                 if kind not in modalities:
+                    step = "vision" if kind == "image" else kind
                     raise UserError(f"this {self.manifest['model']['variant']} export takes "
-                                    f"{', '.join(modalities)} only: {kind} input needs a vision step, which this "
-                                    "export does not have yet")
+                                    f"{', '.join(modalities)} only: {kind} input needs a {step} step, which this "
+                                    "export does not have")
 
     def _check_state_outputs(self) -> None:
         """The graph's outputs must be the logits, then one update per state tensor in the spec's order."""
@@ -268,6 +281,8 @@ class Session:
     def _vision(self, turn: Prompt) -> list[np.ndarray]:
         """One feature block per placeholder span, in prompt order: image slices in batches of the vision
         step, video frame groups in batches of the video step."""
+        if self.state_spec:
+            return self._hybrid_vision(turn)
         slices = [im for im in turn.images if im.temporal_ids is None]
         groups = [im for im in turn.images if im.temporal_ids is not None]
         rows = [pv for im in slices for pv in im.pixel_values]
@@ -288,6 +303,60 @@ class Session:
         images, videos = iter(image_features), iter(group_features)
         return [f for im in turn.images
                 for f in ([next(images) for _ in im.pixel_values] if im.temporal_ids is None else [next(videos)])]
+
+    def _hybrid_vision(self, turn: Prompt) -> list[np.ndarray]:
+        """A hybrid export's image features: each slice (`HybridImage.slices`, the processor's order) through the
+        vision step alone, padded to the graph's patch row; the first `layout.tokens(h, w)` rows are the slice's
+        tokens, one block per placeholder run. The layout is the manifest's `steps.vision`, not the model config."""
+        if not turn.images:
+            return []
+        from minicpm.hybrid_vision import VisionLayout, vision_inputs  # noqa: PLC0415
+
+        step = self.manifest["schedule"]["steps"]["vision"]  # present: _check_modalities refused images otherwise
+        layout = VisionLayout(step["patch_size"], step["num_patches_per_side"], step["window"], tuple(step["merge"]),
+                              step["merger_times"])
+        out = []
+        for image in turn.images:
+            for one in image.slices():
+                h, w = (int(v) for v in one["target_sizes"][0])
+                try:
+                    inputs = vision_inputs(one, step["max_patches"], layout)
+                except ValueError as e:  # a slice above the exported patch row (an extreme aspect ratio)
+                    raise UserError(str(e)) from None
+                inputs = {k: v.astype(self.dtype) if v.dtype == np.float32 else v for k, v in inputs.items()}
+                features = self.backend.vision(**inputs)
+                out.append(np.asarray(features, dtype=np.float32)[: layout.tokens(h, w)])
+        return out
+
+    def place_positions(self, turn: Prompt) -> None:
+        """Before a hybrid turn's prefill: its tokens' M-RoPE positions. Text positions (sequence index + delta) need
+        nothing here. With `schedule.positions.canvas` (4.7) a turn holding images takes the model's canvas
+        positions, computed over the turn's own tokens (`minicpm.v4_6.canvas_positions`) and shifted to the turn's
+        first position (its index + delta: where a whole-conversation get_rope_index puts it, the layout being
+        relative). The delta grows by the turn's own, so decode and later turns continue after its last position."""
+        self.turn_positions = None
+        if not turn.images or not self.manifest["schedule"]["positions"].get("canvas"):
+            return
+        from minicpm.v4_6 import canvas_positions  # noqa: PLC0415
+
+        sizes = [size for image in turn.images for size in image.tgt_sizes]
+        table, delta = canvas_positions(self.checkpoint.variant.model_class, self.checkpoint.config, turn.input_ids,
+                                        sizes, self.manifest["preprocessing"].get("downsample_mode"))
+        first = self.state.length
+        self.turn_positions = (first, table + first + self.rope_delta)
+        self.rope_delta += delta
+
+    def _step_positions(self, start: int, width: int) -> np.ndarray:
+        """[3, width] int64 positions of the tokens at sequence indices start .. start + width - 1 (pad rows
+        included): index + delta on all three rows, or the current turn's canvas positions where it has them;
+        clamped into the graph's rotary table."""
+        index = np.arange(start, start + width)
+        positions = np.broadcast_to(index + self.rope_delta, (3, width)).copy()
+        if self.turn_positions is not None:
+            first, table = self.turn_positions
+            inside = (index >= first) & (index < first + table.shape[1])
+            positions[:, inside] = table[:, index[inside] - first]
+        return np.clip(positions, 0, self.max_context - 1).astype(np.int64)
 
     def _video(self, groups: list) -> list[np.ndarray]:
         """Frame groups through the export's video step (the 3D resampler), `VISION_BATCH` groups per call."""
@@ -346,20 +415,23 @@ class Session:
 
     def _run_state_step(self, embeds: np.ndarray, width: int) -> np.ndarray:
         """One call of a hybrid export's step: the new tokens padded to `width` (`valid_tokens` keeps the pad rows
-        out of the linear layers' state), every state tensor in; then the state commits its update rule."""
+        out of the linear layers' state), every state tensor in; then the state commits its update rule. A backend
+        that `owns_state` gets no state inputs and returns the logits only; the host just counts the tokens."""
         n, cache = len(embeds), self.state
         x = np.zeros((1, width, embeds.shape[1]), dtype=self.dtype)
         x[0, :n] = embeds
-        # Text tokens: sequence index + delta on all three M-RoPE rows (pad rows clamped into the rotary table).
-        positions = np.arange(cache.length, cache.length + width) + self.rope_delta
-        positions = np.broadcast_to(np.clip(positions, 0, self.max_context - 1), (3, width)).astype(np.int64)
+        positions = self._step_positions(cache.length, width)  # M-RoPE rows (see place_positions)
         mask = cache.attention_mask(width).numpy()
         outputs = self.backend.llm(
             inputs_embeds=x, position_ids=np.ascontiguousarray(positions),
             attention_mask=np.maximum(mask, np.finfo(self.dtype).min).astype(self.dtype),
             last_index=np.asarray([n - 1], dtype=np.int64), valid_tokens=np.asarray([n], dtype=np.int64),
-            **{name: tensor.numpy() for name, tensor in zip(self.state_spec.names, cache.inputs(), strict=True)})
-        cache.commit({t.name: torch.from_numpy(np.asarray(o)) for t, o in zip(self.state_spec.tensors, outputs[1:],
-                                                                               strict=True)}, n)
+            **({name: tensor.numpy() for name, tensor in zip(self.state_spec.names, cache.inputs(), strict=True)}
+               if cache.hold else {}))
+        if cache.hold:
+            cache.commit({t.name: torch.from_numpy(np.asarray(o)) for t, o in zip(self.state_spec.tensors, outputs[1:],
+                                                                                   strict=True)}, n)
+        else:
+            cache.advance(n)
         self.cache_len = cache.length
         return outputs[0][0].astype(np.float32)

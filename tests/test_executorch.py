@@ -19,17 +19,13 @@ import torch
 
 from export.executorch import (
     DECODER_INPUTS,
-    StatefulDecoder,
-    TokenEmbedding,
-    as_tensor,
     count_linears,
-    decoder_inputs,
     decoder_parity,
     install_records,
     load_program,
     prepare_model,
-    vision_step,
 )
+from export.executorch_modules import StatefulDecoder, TokenEmbedding, as_tensor, decoder_inputs, vision_step
 from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig, generate
 from minicpm.prompt import Prompt

@@ -1,6 +1,7 @@
-"""ONNX export of MiniCPM-V 4.6 / 4.7 (text-only for now) and the runtime's schedule with per-layer state: the graph
-against the torch step, the manifest's state section, greedy tokens through the ONNX chain against transformers'
-generate (one turn and two turns, prefill chunks 7 and 128), the context-full policy and the refusals."""
+"""ONNX export of MiniCPM-V 4.6 / 4.7 and the runtime's schedule with per-layer state: the graph against the torch
+step, the manifest's state section, greedy tokens through the ONNX chain against transformers' generate on text
+(one turn and two turns, prefill chunks 7 and 128), the context-full policy and the refusals. Images through the
+chain: tests/test_hybrid_images.py (same exports)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from runtime.session import ContextFull, Session
 from tests.conftest import noise_image
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
-MAX_CONTEXT, CHUNK = 256, 128
+MAX_CONTEXT, CHUNK = 768, 128  # room for test_hybrid_images' three images (590 prompt tokens)
 FIRST = [{"role": "user", "content": ["Hello! How can I help you today?"]}]
 SECOND = [{"role": "user", "content": ["Tell me more about the weather."]}]
 
@@ -81,7 +82,7 @@ def test_manifest_describes_the_state(exported, hybrid, name):
     spec = HybridLanguageModelStep(model, MAX_CONTEXT, CHUNK).spec
     schedule = manifest["schedule"]
     assert schedule["state"] == spec.to_dict()
-    assert "kv_cache" not in schedule and schedule["modalities"] == ["text"] and "vision" not in schedule["steps"]
+    assert "kv_cache" not in schedule and schedule["modalities"] == ["text", "image"] and "vision" in schedule["steps"]
     assert schedule["positions"]["kind"] == "mrope" and schedule["positions"]["canvas"] == name.endswith("4.7")
     llm = manifest["artifacts"]["llm"]
     inputs, outputs = step_names(spec)
@@ -127,12 +128,14 @@ def test_two_turn_conversation_reuses_the_state(exported, hybrid, name, chunk):
 
 
 def test_context_full_policy(exported):
-    """Only the full-attention KV fills: "stop" ends the answer at max_context slots, "error" is one line."""
+    """Only the full-attention KV fills: "stop" ends the answer at max_context slots, "error" is one line. A long
+    prompt (622 tokens, prefilled in chunks) leaves ~150 slots to decode."""
     out = exported(NAMES[1])
     session = Session(out, "onnxruntime", on_context_full="stop")
     session.manifest["tokenizer"]["stop_ids"] = [-1]  # the tiny weights may say stop early: answer until full
     sizes = {name: tuple(t.shape) for name, t in session.state.state.items()}
-    result = session.ask(FIRST, SamplingConfig(max_new_tokens=MAX_CONTEXT))
+    long = [{"role": "user", "content": [" ".join([FIRST[0]["content"][0]] * 60)]}]
+    result = session.ask(long, SamplingConfig(max_new_tokens=MAX_CONTEXT))
     assert result.stats["finish_reason"] == "context_full" and session.cache_len == MAX_CONTEXT
     assert {name: tuple(t.shape) for name, t in session.state.state.items()} == sizes  # fixed-size states
     with pytest.raises(ContextFull, match="context full"):
@@ -140,7 +143,7 @@ def test_context_full_policy(exported):
     strict = Session(out, "onnxruntime")
     strict.manifest["tokenizer"]["stop_ids"] = [-1]
     with pytest.raises(ContextFull, match=r"^context full after \d+ new tokens"):
-        strict.ask(FIRST, SamplingConfig(max_new_tokens=MAX_CONTEXT))
+        strict.ask(long, SamplingConfig(max_new_tokens=MAX_CONTEXT))
 
 
 def test_tampered_graph_is_refused_before_loading(exported, tmp_path, monkeypatch):
@@ -161,10 +164,17 @@ def test_tampered_graph_is_refused_before_loading(exported, tmp_path, monkeypatc
         Session(copy, "onnxruntime")
 
 
-def test_text_only_export_refuses_images_and_int4(exported, tmp_path):
+def test_refusals(exported, tmp_path):
+    """What an export's schedule does not list is one line: images on a text-only export (modalities without
+    "image"), video on any hybrid export; int4 at export time."""
     from export.onnx import main  # noqa: PLC0415
 
     session = Session(exported(NAMES[0]), "onnxruntime")
+    with pytest.raises(UserError, match=r"^this minicpm-v-4.6 export takes text, image only: video input needs a "
+                                        r"video step"):
+        session.ask([{"role": "user", "content": [{"type": "video", "frames": [noise_image(64, 64)]}, "And?"]}],
+                    SamplingConfig())
+    session.manifest["schedule"]["modalities"] = ["text"]  # as a text-only export lists them
     with pytest.raises(UserError, match=r"^this minicpm-v-4.6 export takes text only: image input") as e:
         session.ask([{"role": "user", "content": [noise_image(64, 64), "What is this?"]}], SamplingConfig())
     assert "\n" not in str(e.value)

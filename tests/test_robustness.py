@@ -99,15 +99,15 @@ def test_embedding_table_that_disagrees_with_the_manifest(copy):
         Session(copy)
 
 
-def test_thousands_of_images_in_one_message(tiny):
-    """2000 images are a long prompt, not a crash: every placeholder span is found, in order."""
+def test_hundreds_of_images_in_one_message(tiny):
+    """500 images (a 33k-token prompt) are a long prompt, not a crash: every placeholder span is found, in order."""
     import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
     ckpt, _ = tiny("tiny-minicpm-o-4.5")
     image = Image.fromarray(np.full((3, 5, 3), 200, dtype=np.uint8))
-    prompt = ckpt.prompts.build([{"role": "user", "content": [image] * 2000 + ["many"]}])
-    assert len(prompt.image_bounds) == 2000 and all(e - s == 64 for s, e in prompt.image_bounds)
+    prompt = ckpt.prompts.build([{"role": "user", "content": [image] * 500 + ["many"]}])
+    assert len(prompt.image_bounds) == 500 and all(e - s == 64 for s, e in prompt.image_bounds)
 
 
 @pytest.mark.parametrize("messages, message", [
