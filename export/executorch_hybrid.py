@@ -23,11 +23,16 @@ Parity: the program through executorch.runtime against the unmodified torch step
 over the calls the session makes (export.stateful_hybrid.schedule_calls), the buffers zeroed between the two
 conversations. Float32 on XNNPACK only: `--quant` other than none, and `--backend coreml`, are refused in one line.
 Text only, as the ONNX hybrid export, until a vision step lands.
+
+Not shipped yet: the program's keys part from the torch step (logits 4.9e-2 off; values, conv and recurrent state
+agree), so the export is refused in one line unless MINICPM_EXPERIMENTAL_ET_HYBRID=1 (then its parity check refuses
+the program). Next step: the rotary gather / partial rotary of the full-attention keys under XNNPACK.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -62,6 +67,8 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)
+
+EXPERIMENTAL = "MINICPM_EXPERIMENTAL_ET_HYBRID"  # runs the unfinished export (its parity check still refuses)
 
 
 def decoder_methods(chunk: int) -> dict[str, int]:
@@ -111,6 +118,9 @@ def export_hybrid(args: argparse.Namespace) -> int:
     from export.executorch import delegation, export_methods, lower, metadata_methods  # noqa: PLC0415
 
     check_hybrid_arguments(args)
+    if os.environ.get(EXPERIMENTAL) != "1":  # known to part from the torch step (4.9e-2): not shipped yet
+        raise UserError("ExecuTorch exports of MiniCPM-V 4.6 / 4.7 are not available yet (the program's keys part from "
+                        f"the torch step); use export.onnx or export.coreai (developers: {EXPERIMENTAL}=1)")
     if args.backend != "xnnpack":
         raise UserError(f"--backend {args.backend}: MiniCPM-V 4.6 / 4.7 ExecuTorch exports are XNNPACK only for now")
     ckpt = HybridCheckpoint.open(args.model)

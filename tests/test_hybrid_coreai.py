@@ -146,3 +146,13 @@ def test_int4_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--quant int4-rtn: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported") as e:
         main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "int4-rtn"])
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
+def test_executorch_export_is_refused_until_it_matches(private_cache, monkeypatch):
+    """The hybrid ExecuTorch program still parts from the torch step: refused in one line, before any work."""
+    from export.executorch import main
+
+    monkeypatch.delenv("MINICPM_EXPERIMENTAL_ET_HYBRID", raising=False)
+    with pytest.raises(UserError, match="ExecuTorch exports of MiniCPM-V 4.6 / 4.7 are not available yet") as err:
+        main(["--model", "tiny-minicpm-v-4.6", "--out", "unused"])
+    assert "\n" not in str(err.value)
