@@ -467,6 +467,12 @@ class HybridPromptBuilder:
                             "(the chat template must write one per image item)")
         return Prompt(ids, bounds, hybrid_images, text)
 
+    def reference_inputs(self, messages: list[dict], enable_thinking: bool = False) -> dict:
+        """What transformers' own `generate` takes for the conversation `messages`: the chat template with its
+        generation prompt through the model's processor, images included (the eager reference of an export)."""
+        text, images = self._render(messages, enable_thinking)
+        return dict(self.processor(text=[text], images=images or None, return_tensors="pt"))
+
     def build(self, messages: list[dict], max_slice_nums: int | None = None, enable_thinking: bool = False,
               stream_input: bool | None = None, tts_template: bool | None = None):
         """The whole prompt of a conversation's first turn: the chat template with its generation prompt."""

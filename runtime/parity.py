@@ -31,14 +31,12 @@ def _hybrid_reference(source: str, messages: list[dict], sampling: SamplingConfi
     from minicpm.v4_6 import HybridCheckpoint  # noqa: PLC0415
 
     ckpt = HybridCheckpoint.open(source)
-    ids = ckpt.prompts.build(messages, enable_thinking=enable_thinking).input_ids
+    inputs = ckpt.prompts.reference_inputs(messages, enable_thinking)  # images through the model's own processor
     model, _ = ckpt.load_model("float32")
-    input_ids = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=sampling.max_new_tokens, eos_token_id=ckpt.stop_ids,
-                             pad_token_id=ckpt.stop_ids[0])
-    tokens = [t for t in out[0, len(ids):].tolist() if t not in ckpt.stop_ids]
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                             eos_token_id=ckpt.stop_ids, pad_token_id=ckpt.stop_ids[0])
+    tokens = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in ckpt.stop_ids]
     return GenerationResult(tokens, ckpt.tokenizer.decode(tokens), {})
 
 

@@ -18,7 +18,7 @@ from minicpm.hybrid_vision import HybridVisionStep, max_patches_bound, split_sli
 from minicpm.v4_6 import HybridCheckpoint, canvas_positions, prompt_inputs, prompt_positions
 from runtime.manifest import read_manifest
 from runtime.session import Session
-from tests.conftest import noise_image
+from tests.conftest import ROOT, noise_image
 from tests.test_hybrid_onnx import MAX_CONTEXT, NAMES
 
 SIZES = [(200, 150), (640, 480), (300, 900)]  # (width, height): not sliced, sliced 1x2, tall (3x1 + source)
@@ -219,3 +219,14 @@ def test_two_turns_with_an_image_in_each_4_7(exported, hybrid, chunk):
     alone, _ = canvas_positions(ckpt.variant.model_class, ckpt.config, ids[start:], t2.tgt_sizes)
     assert (alone + positions[0, start].item() == table).all()
     assert a2.token_ids == _memo((name, "image in each turn"), lambda: _generate(ckpt, model, inputs))
+
+
+def test_generate_parity_runs_the_image_through_both_sides(exported, capsys):
+    """`runtime.generate --parity` on a hybrid export: the eager reference (transformers' generate) gets the image too
+    (a text-only reference parts at token 0 on 4.7 with the committed house photo)."""
+    from runtime.generate import main
+
+    image = ROOT / "examples" / "house.png"
+    assert main(["--artifacts", str(exported("tiny-minicpm-v-4.7")), "--image", str(image), "--prompt", QUESTION,
+                 "--max-new-tokens", "8", "--parity"]) == 0
+    assert "agree on all 8 greedy tokens" in capsys.readouterr().out
