@@ -11,7 +11,7 @@ SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 SWIFT_PACKAGE := ios_bridge/MiniCPMKit
 VECTORS := out/vectors
 
-.PHONY: venv demo test test-python test-swift vectors fuzz bench lint clean
+.PHONY: venv demo test test-python test-swift vectors fuzz bench bench-full lint clean
 
 venv: $(STAMP)
 
@@ -55,9 +55,14 @@ FUZZ_CASES ?= 10000
 fuzz: venv
 	FUZZ_CASES=$(FUZZ_CASES) $(PY) -m tests.fuzz
 
-# Speed and memory of the schedule (export, TTFT, prefill/decode tok/s, peak RSS) on tiny and mid-size models.
+# Speed and memory of the schedule (export time and peak RSS, bytes per token, TTFT, prefill/decode tok/s against
+# the measured DRAM roofline, device estimate) on tiny and mid-size models. `make bench FULL=1` = `make bench-full`.
 bench: venv
-	$(PY) -m runtime.bench
+	$(PY) -m runtime.bench $(if $(FULL),--full-size)
+
+# The same plus the full-size V-4.0-shaped model (3.79 B, random weights; ~7.1 GB built on first use, 20+ GB RAM).
+bench-full: venv
+	$(PY) -m runtime.bench --full-size
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -35,7 +35,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
-    """A local snapshot directory for `name`: a path, `tiny-*`, a short name or a hub id."""
+    """A local snapshot directory for `name`: a path, `tiny-*`, `full-minicpm-v-4`, a short name or a hub id."""
     name = str(name)
     if os.path.isdir(name):
         return Path(name)
@@ -44,6 +44,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
 
     if name in TINY_MODELS:
         return ensure_tiny(name)
+    from minicpm.full_size import FULL_SIZE_MODELS, ensure_full_size  # noqa: PLC0415
+
+    if name in FULL_SIZE_MODELS:  # random weights in the V-4.0 shapes, ~7 GB built on first use
+        return ensure_full_size(name)
     repo_id = SHORT_NAMES.get(name, name)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
         raise UserError(f"model not found: {name} (not a directory, a hub id like openbmb/MiniCPM-V-4, "

@@ -1,10 +1,19 @@
-"""`python -m runtime.bench` (`make bench`): speed and memory of the schedule, per model and backend.
+"""`python -m runtime.bench` (`make bench`): speed and memory of the schedule, per model and backend, against the
+machine's own limits.
 
 For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w, Core AI fp32 / int4, int4 also with an int8
-head): export (timed), then answer one image question (MiniCPM-o: image plus `--audio`, the committed speech clip)
-through each backend that runs it and record vision ms per slice, audio ms per 1 s chunk, time to first token,
-prefill and decode tok/s and peak RSS (each run in its own process, so RSS is not shared).
-Prints a table and writes `out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4
+head): export (timed, with the exporter's peak RSS), then through each backend that runs it (each run in its own
+process, so RSS is not shared) answer one image question (MiniCPM-o: image plus `--audio`, the committed speech
+clip) for vision ms per slice, audio ms per 1 s chunk, time to first token, decode tok/s and peak RSS, and a
+text-only prompt of about `--prefill-tokens` tokens for prefill tok/s. The bytes of weights one decode step reads
+come from the export's files (`runtime.bench_machine.bytes_per_token`); the machine's DRAM read bandwidth is
+measured in the same run (before and after, best kept), giving the roofline (bandwidth / bytes per token) and the
+% of it each decode reached, and a device estimate: decode tok/s on A17 Pro, A18 Pro, M1 and M4 at their
+bandwidths and the efficiency measured here.
+
+`--full-size` adds `full-minicpm-v-4` (3.79 B parameters, random weights, built on first use: ~7.1 GB on disk)
+with the device exports (`--full-size-exports`); expect about an hour and 20+ GB of RAM for its exports today.
+Prints the tables and writes `out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4
 exports use RTN: the same kernels and sizes as AWQ without the calibration time.
 """
 
@@ -12,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from runtime import bench_machine as machine
 from runtime.cli import run
 
 QUESTION = "Describe this image in detail."
+# the text-only prefill prompt: this sentence repeated up to about --prefill-tokens tokens
+PREFILL_TEXT = ("The quick brown fox jumps over the lazy dog while a red square and a blue circle sit on a wooden "
+                "table in the morning light. ")
 # export name -> (exporter module, its extra arguments, the backends that run it)
 EXPORTS = {
     "onnx": ("export.onnx", [], ["torch", "onnxruntime"]),
@@ -37,57 +48,128 @@ EXPORTS = {
     "coreai-int4-int8head": ("export.coreai", ["--quant", "int4-rtn", "--lm-head", "int8", "--precision", "fp32"],
                              ["coreai"]),
 }
+DEFAULT_MODELS = "tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4"
+FULL_SIZE_MODEL = "full-minicpm-v-4"
+FULL_SIZE_EXPORTS = "onnx-int4-int8head,executorch-8da4w-int8head"
 
 
-def _run(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench step failed: {' '.join(args)}\n{r.stderr.strip().splitlines()[-1]}")
-    return json.loads(r.stdout.strip().splitlines()[-1]) if "--json" in args else {}
+def _run(args: list[str]) -> tuple[dict, float, float]:
+    """`python -m args...` in its own process: (its --json object or {}, seconds, peak RSS MB)."""
+    code, out, err, seconds, rss = machine.run_measured([sys.executable, "-m", *args])
+    if code != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
+        raise SystemExit(f"bench step failed: {' '.join(args)}\n{last}")
+    return (json.loads(out.strip().splitlines()[-1]) if "--json" in args else {}), seconds, rss
+
+
+def prefill_prompt(export_dir: Path, tokens: int) -> str:
+    """PREFILL_TEXT repeated and cut to about `tokens` tokens of the export's tokenizer (the chat template adds
+    a few more)."""
+    from minicpm.prompt import load_tokenizer  # noqa: PLC0415
+
+    tok = load_tokenizer(export_dir)
+    per = max(len(tok.encode(PREFILL_TEXT, add_special_tokens=False)), 1)
+    words = (PREFILL_TEXT * (tokens // per + 2)).split()
+    lo, hi = 1, len(words)  # the most words whose encoding stays within `tokens` (minus the template's ~16)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode(" ".join(words[:mid]), add_special_tokens=False)) <= max(tokens - 16, 1):
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo])
+
+
+def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
+    module, extra, backends = EXPORTS[name]
+    export_dir = Path(args.out) / f"{model}-{name}"
+    _, export_s, export_rss = _run([module, "--model", model, "--out", str(export_dir), "--max-context",
+                                    str(args.max_context), *extra])
+    size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
+    per_token = machine.bytes_per_token(export_dir)
+    common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    if "audio" in manifest["schedule"]["steps"]:
+        common += ["--audio", args.audio]
+    prompt = prefill_prompt(export_dir, args.prefill_tokens)
+    rows = []
+    for backend in backends:
+        generate = ["runtime.generate", "--artifacts", str(export_dir), "--backend", backend]
+        stats = _run([*generate, *common])[0]["stats"]
+        text = _run([*generate, "--prompt", prompt, "--max-new-tokens", "2", "--json"])[0]["stats"]
+        rows.append({"model": model, "export": name, "backend": backend, "export_s": round(export_s, 1),
+                     "export_peak_rss_mb": round(export_rss, 1), "export_mb": round(size / 2**20, 1),
+                     "bytes_per_token": per_token, **stats,
+                     "prefill_prompt_tokens": text["prompt_tokens"], "prefill_tok_s": text["prefill_tok_s"],
+                     "image_prefill_tok_s": stats["prefill_tok_s"]})
+    return rows
+
+
+def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tokens: int) -> None:
+    print(f"\n{'model':<20}{'export':<27}{'backend':<12}{'export':>8}{'exp RSS':>9}{'size MB':>9}{'MB/tok':>8}"
+          f"{'vision/slice':>13}{'TTFT ms':>9}{'audio/chunk':>12}{f'prefill@{prefill_tokens}':>12}"
+          f"{'decode t/s':>11}{'roofline':>9}{'RSS MB':>8}")
+    for r in rows:
+        mb = f"{r['bytes_per_token'] / 1e6:.1f}" if r.get("bytes_per_token") else "-"
+        pct = f"{r['roofline_pct']:.2f}%" if "roofline_pct" in r else "-"
+        print(f"{r['model']:<20}{r['export']:<27}{r['backend']:<12}{r['export_s']:>7.1f}s"
+              f"{r['export_peak_rss_mb']:>9.0f}{r['export_mb']:>9.1f}{mb:>8}"
+              f"{r['vision_ms_per_slice']:>11.1f}ms{r['time_to_first_token_ms']:>9.0f}"
+              f"{r.get('audio_ms_per_chunk', 0.0):>10.1f}ms{r['prefill_tok_s']:>12.1f}"
+              f"{r['decode_tok_s']:>11.1f}{pct:>9}{r['peak_rss_mb']:>8.0f}")
+    names = list(machine.DEVICES)
+    print(f"\ndevice estimate: decode tok/s = device bandwidth / bytes per token x the efficiency measured here\n"
+          f"{'model':<20}{'export':<27}{'backend':<12}{'MB/tok':>8}{'effic.':>8}"
+          + "".join(f"{f'{n} ({machine.DEVICES[n]:g})':>16}" for n in names))
+    for d in devices:
+        print(f"{d['model']:<20}{d['export']:<27}{d['backend']:<12}{d['bytes_per_token'] / 1e6:>8.1f}"
+              f"{100 * d['efficiency']:>7.2f}%" + "".join(f"{d['predicted_tok_s'][n]:>16.1f}" for n in names))
+    bw = facts["dram_read_gbs"]
+    print(f"\nmachine: {facts['cpu_model']}, {facts['cores']} cores ({facts['threads_used']} threads used), "
+          f"{facts['memory_gb']} GB RAM, {' '.join(facts['isa'])}\n"
+          f"DRAM read bandwidth (torch.sum over 1 GiB, {facts['threads_used']} threads, best of 10): {bw:.1f} GB/s "
+          f"(before {facts['dram_read_gbs_before']:.1f}, after {facts['dram_read_gbs_after']:.1f}); REFERENCE "
+          f"anchor {machine.REFERENCE_BANDWIDTH_GBS} GB/s ({100 * bw / machine.REFERENCE_BANDWIDTH_GBS:.0f} %)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated; empty for none")
     parser.add_argument("--exports", default=",".join(EXPORTS), help=f"any of {', '.join(EXPORTS)}")
+    parser.add_argument("--full-size", action="store_true",
+                        help=f"add {FULL_SIZE_MODEL} (3.79 B, ~7.1 GB built on first use) with --full-size-exports")
+    parser.add_argument("--full-size-exports", default=FULL_SIZE_EXPORTS)
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "house.png"))
     parser.add_argument("--audio", default=str(Path(__file__).resolve().parents[1] / "examples" / "speech.wav"),
                         help="speech clip for MiniCPM-o exports (their audio step)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512,
+                        help="length of the text-only prompt prefill tok/s is measured on")
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--out", default="out/bench")
     args = parser.parse_args(argv)
-    exports = args.exports.split(",")
-    if unknown := sorted(set(exports) - set(EXPORTS)):
+    exports, full_exports = args.exports.split(","), args.full_size_exports.split(",")
+    if unknown := sorted(set(exports + full_exports) - set(EXPORTS)):
         parser.error(f"unknown export {unknown[0]} (choose from {', '.join(EXPORTS)})")
+    if args.prefill_tokens + 2 > args.max_context:
+        parser.error("--prefill-tokens must fit in --max-context")
+    jobs = [(model, name) for model in filter(None, args.models.split(",")) for name in exports]
+    jobs += [(FULL_SIZE_MODEL, name) for name in full_exports] if args.full_size else []
+    before = machine.dram_read_bandwidth()
     rows = []
-    jobs = [(model, name) for model in args.models.split(",") for name in exports]
     for model, name in tqdm(jobs, desc="bench", unit="export"):
-        module, extra, backends = EXPORTS[name]
-        export_dir = Path(args.out) / f"{model}-{name}"
-        t = time.perf_counter()
-        _run([module, "--model", model, "--out", str(export_dir), "--max-context", str(args.max_context), *extra])
-        export_s = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
-        common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
-        manifest = json.loads((export_dir / "manifest.json").read_text())
-        if "audio" in manifest["schedule"]["steps"]:
-            common += ["--audio", args.audio]
-        for backend in backends:
-            stats = _run(["runtime.generate", "--artifacts", str(export_dir), "--backend", backend,
-                          *common])["stats"]
-            rows.append({"model": model, "export": name, "backend": backend, "export_s": round(export_s, 1),
-                         "export_mb": round(size / 2**20, 1), **stats})
-    print(f"\n{'model':<18}{'export':<27}{'backend':<13}{'took':>9}{'size MB':>9}{'vision/slice':>14}{'TTFT ms':>9}"
-          f"{'audio/chunk':>13}{'prefill t/s':>13}{'decode t/s':>12}{'RSS MB':>8}")
-    for r in rows:
-        print(f"{r['model']:<18}{r['export']:<27}{r['backend']:<13}{r['export_s']:>8.1f}s{r['export_mb']:>9.1f}"
-              f"{r['vision_ms_per_slice']:>12.1f}ms{r['time_to_first_token_ms']:>9.0f}"
-              f"{r.get('audio_ms_per_chunk', 0.0):>11.1f}ms{r['prefill_tok_s']:>13.1f}"
-              f"{r['decode_tok_s']:>12.1f}{r['peak_rss_mb']:>8.0f}")
+        rows += bench_export(model, name, args)
+    after = machine.dram_read_bandwidth()
+    facts = {**machine.machine_facts(), "dram_read_gbs": max(before, after), "dram_read_gbs_before": before,
+             "dram_read_gbs_after": after, "reference_dram_read_gbs": machine.REFERENCE_BANDWIDTH_GBS,
+             "device_bandwidth_gbs": machine.DEVICES}
+    rows = [{**r, **machine.roofline(r, facts["dram_read_gbs"])} for r in rows]
+    devices = machine.device_estimates(rows, facts["dram_read_gbs"])
+    print_tables(rows, devices, facts, args.prefill_tokens)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (Path(args.out) / "bench.json").write_text(json.dumps({"machine": facts, "rows": rows,
+                                                           "device_estimates": devices}, indent=2) + "\n")
     return 0
 
 

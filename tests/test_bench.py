@@ -1,0 +1,100 @@
+"""The bench's measurements against the machine: bytes of weights per decode token, the device estimate, the
+full-size checkpoint's writer (scaled down) and one small end-to-end bench run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import bench_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+# The scaled-down full-size variant: real layout and depth (32 LLM layers), small widths.
+SCALE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "vocab_size": 512,
+         "vision": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}}
+LLM_WEIGHT = re.compile(r"(\.(qweight|scales|qzeros)$|norm\.weight$|^llm\.lm_head\.)")
+
+
+def test_onnx_bytes_per_token_is_the_llm_weights(exports):
+    """On a tiny int4 export: the int4 codes, scales and zero points, the head and the norm weights of llm.onnx,
+    counted here by name from the loaded initializers; no embedding table, no RoPE table, no vision graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = exports("onnx", "tiny-minicpm-v-4", "--quant", "int4-rtn")
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    head = {(model["hidden_size"], model["vocab_size"]), (model["vocab_size"], model["hidden_size"])}
+    graph = onnx.load(str(out / "llm.onnx")).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    expected = sum(a.nbytes for name, a in arrays.items() if LLM_WEIGHT.search(name) or a.shape in head)
+    assert sum(a.shape in head for a in arrays.values()) == 1  # the float head; the embedding table is the host's
+    assert any(name.endswith(".qweight") for name in arrays)
+    assert bench_machine.bytes_per_token(out) == expected
+    assert expected < sum(a.nbytes for a in arrays.values())  # the RoPE tables are left out
+
+
+def test_roofline_and_device_estimate_arithmetic():
+    row = {"model": "m", "export": "e", "backend": "b", "bytes_per_token": 2_000_000_000, "decode_tok_s": 10.0}
+    row.update(bench_machine.roofline(row, bandwidth_gbs=25.0))
+    assert row["roofline_tok_s"] == 12.5 and row["roofline_pct"] == 80.0
+    (est,) = bench_machine.device_estimates([row, {"model": "x", "decode_tok_s": 1.0}], 25.0)  # no bytes: none
+    assert est["efficiency"] == 0.8
+    assert est["predicted_tok_s"] == {"A17 Pro": 20.4, "A18 Pro": 24.0, "M1": 27.3, "M4": 48.0}
+    # far below the roofline (a tiny model): the estimate keeps its precision, never rounds to 0
+    (low,) = bench_machine.device_estimates([{**row, "bytes_per_token": 1_000_000, "decode_tok_s": 20.0}], 40.0)
+    assert low["efficiency"] == 0.0005 and low["predicted_tok_s"]["M4"] == 60.0
+
+
+def test_scaled_full_size_checkpoint_is_sharded_and_loads_strictly(tmp_path, monkeypatch):
+    from minicpm import full_size
+    from minicpm.checkpoint import checkpoint_files, load_model, resolve_model
+
+    out = full_size.build_full_size("full-minicpm-v-4", tmp_path / "ckpt", scale=SCALE, shard_bytes=1_000_000,
+                                    progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert [p.name for p in checkpoint_files(out)] == shards
+    model, report = load_model(out, "bfloat16")  # strict: no missing, unexpected or mismatched key
+    assert report.loaded == len(index["weight_map"]) == len(model.state_dict())
+    assert model.llm.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert abs(model.llm.model.embed_tokens.weight.float().std().item() - full_size.STD) < 2e-3
+    with torch.no_grad():  # numerically sane through all 32 layers in bfloat16
+        logits = model.llm(input_ids=torch.randint(0, 400, (1, 32))).logits.float()
+    assert len(model.llm.model.layers) == 32 and torch.isfinite(logits).all() and logits.abs().max() < 50
+    assert full_size.build_full_size("full-minicpm-v-4", tmp_path / "again", scale=SCALE, shard_bytes=1_000_000,
+                                     progress=False) and (tmp_path / "again" / shards[0]).read_bytes() == \
+        (out / shards[0]).read_bytes()  # deterministic
+    # the real one: V-4.0 shapes, 3.79 B parameters, resolved by name (built on first use; not here)
+    cfg = full_size.full_config()
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["head_dim"], cfg["vocab_size"]) == (2560, 32, 80, 73448)
+    assert len(cfg["rope_scaling"]["long_factor"]) == 40
+    assert round(full_size.parameter_count(cfg) / 1e9, 2) == 3.79
+    monkeypatch.setattr(full_size, "ensure_full_size", lambda name: out)
+    assert resolve_model("full-minicpm-v-4") == out
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_with_machine_fields(tmp_path):
+    cmd = [sys.executable, "-m", "runtime.bench", "--models", "tiny-minicpm-v-4", "--exports", "onnx-int4",
+           "--new-tokens", "4", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "device estimate" in r.stdout and "DRAM read bandwidth" in r.stdout
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["machine"]["dram_read_gbs"] > 0 and bench["machine"]["cores"] >= 1
+    (row,) = bench["rows"]
+    for key in ("export_s", "export_peak_rss_mb", "export_mb", "bytes_per_token", "decode_tok_s", "roofline_pct",
+                "prefill_tok_s", "prefill_prompt_tokens", "vision_ms_per_slice", "time_to_first_token_ms"):
+        assert row[key] > 0, key
+    assert 400 <= row["prefill_prompt_tokens"] <= 512 and row["slices"] >= 1
+    assert row["bytes_per_token"] == bench_machine.bytes_per_token(tmp_path / "tiny-minicpm-v-4-onnx-int4")
+    (est,) = bench["device_estimates"]
+    assert set(est["predicted_tok_s"]) == set(bench_machine.DEVICES)
