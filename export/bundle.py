@@ -10,7 +10,10 @@ import glob
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +77,7 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     _remove_stale_siblings(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    previous = _stop_on_interrupt(tmp)
     try:
         yield tmp
         # Lock the parent directory itself (no lock file left beside `out`); released on close or death.
@@ -90,7 +94,24 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(parent)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_on_interrupt(tmp: Path):
+    """Ctrl-C while staging: remove the staged directory and exit 130 at once. A KeyboardInterrupt is not enough:
+    converters that catch broad exceptions swallowed it under load (measured), and the export then went on to
+    replace `out`. Returns the previous SIGINT handler (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("\ninterrupted: nothing was written", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, stop)
 
 
 _STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<tmp>\d+)-.+|old-(?P<old>\d+))")

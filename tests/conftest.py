@@ -96,30 +96,39 @@ V45_EXPORTS = {  # format -> extra exporter arguments: float weights, so the eag
 }
 
 
+def v45_command(fmt: str) -> tuple[str, ...]:
+    """The export command of the tiny V-4.5 in `fmt` (video tests, bundles), as `exports` takes it."""
+    return (fmt, "tiny-minicpm-v-4.5", "--max-context", str(V45_MAX_CONTEXT), "--prefill-chunk", str(V45_CHUNK),
+            *V45_EXPORTS[fmt])
+
+
 @pytest.fixture(scope="session")
-def v45_exports(tmp_path_factory, tiny_path):
-    """format -> an export directory of the tiny V-4.5 (video tests, bundles); the exports start on first use, in
-    their own processes, two at a time."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+def v45_exports(exports):
+    """format -> an export directory of the tiny V-4.5, through the session's export pool."""
+    return lambda fmt: exports(*v45_command(fmt))
 
-    tiny_path("tiny-minicpm-v-4.5")
-    root = tmp_path_factory.mktemp("v45-exports")
 
-    def run(fmt: str) -> Path:
-        out = root / fmt
-        cmd = [sys.executable, "-m", f"export.{fmt}", "--model", "tiny-minicpm-v-4.5", "--out", str(out),
-               "--max-context", str(V45_MAX_CONTEXT), "--prefill-chunk", str(V45_CHUNK), *V45_EXPORTS[fmt]]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-        (out / "summary.txt").write_text(r.stdout)  # the summary table; not in the manifest, ignored by runtimes
-        return out
+# Every test module may list the exports it will use as `EXPORTS_AHEAD` (tuples as `exports` takes them). They are
+# all queued when the session starts, in collection order, so the two export processes never sit idle while the
+# main process runs in-process tests: the suite then keeps both cores busy (measured: the pool used to start a
+# module's exports only when that module began).
+AHEAD = pytest.StashKey[list]()
 
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {fmt: pool.submit(run, fmt) for fmt in V45_EXPORTS}
-    yield lambda fmt: futures[fmt].result()
-    pool.shutdown(wait=True, cancel_futures=True)
+
+def pytest_collection_finish(session):
+    ahead, seen = [], set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in seen:
+            seen.add(module)
+            ahead += [tuple(map(str, cmd)) for cmd in getattr(module, "EXPORTS_AHEAD", [])]
+    session.config.stash[AHEAD] = ahead
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports_ahead(request, private_cache, exports):
+    for command in request.config.stash.get(AHEAD, []):
+        exports.start(*command)
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -31,6 +31,11 @@ def export_args(fmt: str) -> list[str]:
     return ["--max-context", str(MAX_CONTEXT), *EXPORT_ARGS.get(fmt, [])]
 
 
+# Core AI's audio asset is the same code for both o-models (the Whisper width and pool are data): o-4.5 covers it.
+CHAINS = [(fmt, name) for fmt in FORMATS for name in O_MODELS if (fmt, name) != ("coreai", "tiny-minicpm-o-2.6")]
+EXPORTS_AHEAD = [(fmt, name, *export_args(fmt)) for fmt, name in CHAINS]  # queued at session start
+
+
 def export_of(exports, fmt: str, name: str):
     return exports(fmt, name, *export_args(fmt))
 
@@ -51,10 +56,9 @@ def start_exports(request, exports):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if item.module is request.module and "fmt" in params:
             wanted.add((params["fmt"], params["name"]))
-    for fmt in FORMATS:
-        for name in O_MODELS:
-            if (fmt, name) in wanted:
-                exports.start(fmt, name, *export_args(fmt))
+    for fmt, name in CHAINS:
+        if (fmt, name) in wanted:
+            exports.start(fmt, name, *export_args(fmt))
 
 
 @pytest.mark.parametrize("name", O_MODELS)
@@ -80,8 +84,7 @@ def test_chunk_by_chunk_equals_the_whole_clip(tiny, name, frames):
         assert chunker.calls == -(-frames // 100)  # one call per 1 s chunk, the last one short
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", O_MODELS)
+@pytest.mark.parametrize("fmt, name", CHAINS)
 def test_audio_step_matches_its_torch_module(exports, tiny, fmt, name):
     out = export_of(exports, fmt, name)
     manifest = read_manifest(out)
@@ -111,8 +114,7 @@ def audio_file(tmp_path, seconds: float, seed: int) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", O_MODELS)
+@pytest.mark.parametrize("fmt, name", CHAINS)
 def test_greedy_tokens_equal_the_eager_reference(exports, tiny, tmp_path, fmt, name):
     ckpt, model = tiny(name)
     session = Session(export_of(exports, fmt, name))  # the export's own runtime
@@ -133,8 +135,7 @@ def test_greedy_tokens_equal_the_eager_reference(exports, tiny, tmp_path, fmt, n
     assert len(set(answers)) == len(answers)  # each clip gives its own answer: the audio reaches the LLM
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", O_MODELS)
+@pytest.mark.parametrize("fmt, name", CHAINS)
 def test_audio_in_the_second_turn(exports, tiny, tmp_path, fmt, name):
     ckpt, model = tiny(name)
     session = Session(export_of(exports, fmt, name))

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 32, "vocab_size": 512,
          "vision": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}}
+EXPORTS_AHEAD = [("onnx", "tiny-minicpm-v-4", "--quant", "int4-rtn")]  # queued at session start
 LLM_WEIGHT = re.compile(r"(\.(qweight|scales|qzeros)$|norm\.weight$|^llm\.lm_head\.)")
 
 

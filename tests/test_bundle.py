@@ -13,7 +13,9 @@ import pytest
 from ios_bridge.bundle import _human, bundle, main
 from minicpm.errors import UserError
 from runtime.manifest import read_manifest, sha256_tree
-from tests.conftest import ROOT
+from tests.conftest import ROOT, v45_command
+
+EXPORTS_AHEAD = [v45_command(fmt) for fmt in ("coreml", "coreai", "onnx")]  # queued at session start
 
 
 @pytest.mark.parametrize(("fmt", "os_line", "suffix"), [("coreml", "iOS 18 / iPadOS 18 / macOS 15", ".mlpackage"),

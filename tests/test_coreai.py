@@ -43,6 +43,8 @@ EXPORTS = {  # key -> (model or a fixture's directory, extra arguments)
     "v4-rtn": ("tiny-minicpm-v-4", ["--quant", "int4-rtn", "--lm-head", "int8", "--group-size", "32"]),
     "o45-awq": (None, []),  # the quant.awq directory of the awq_dir fixture, as --model
 }
+EXPORTS_AHEAD = [("coreai", model, "--max-context", str(MAX_CONTEXT), *extra, *FP32)  # queued at session start
+                 for model, extra in EXPORTS.values() if model]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ EXPORTS = {  # key -> (tiny model, extra exporter arguments)
     "8da4w": ("tiny-minicpm-v-4", ["--quant", "int4-rtn", "--group-size", "32"]),
     "coreml": ("tiny-minicpm-v-4", ["--backend", "coreml"]),
 }
+EXPORTS_AHEAD = [("executorch", model, "--max-context", str(MAX_CONTEXT), *extra)  # queued at session start
+                 for model, extra in EXPORTS.values()]
 IMAGES = [noise_image(200, 150, 1), noise_image(640, 480, 2), noise_image(300, 900, 3)]  # last two are sliced
 PROMPTS = ["What is in this image?", "Describe the colours."]
 # 8da4w quantises activations per token at run time: an fp32 rounding difference flips int8 codes, and the

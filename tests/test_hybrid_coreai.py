@@ -24,6 +24,7 @@ from tests.test_hybrid_onnx import FIRST, SECOND, _reference
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
 MAX_CONTEXT, CHUNK = 256, 128
 ARGS = ("--max-context", str(MAX_CONTEXT), "--quant", "none")
+EXPORTS_AHEAD = [("coreai", name, *ARGS) for name in NAMES]  # queued at session start
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from tests.test_hybrid_onnx import MAX_CONTEXT, NAMES
 SIZES = [(200, 150), (640, 480), (300, 900)]  # (width, height): not sliced, sliced 1x2, tall (3x1 + source)
 QUESTION = "What is in these images?"
 NEW = 12
+EXPORTS_AHEAD = [("onnx", name, "--max-context", str(MAX_CONTEXT)) for name in NAMES]  # queued at session start
 
 
 @pytest.fixture(scope="module")

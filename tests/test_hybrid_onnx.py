@@ -22,6 +22,7 @@ from tests.conftest import noise_image
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
 MAX_CONTEXT, CHUNK = 768, 128  # room for test_hybrid_images' three images (590 prompt tokens)
+EXPORTS_AHEAD = [("onnx", name, "--max-context", str(MAX_CONTEXT)) for name in NAMES]  # queued at session start
 FIRST = [{"role": "user", "content": ["Hello! How can I help you today?"]}]
 SECOND = [{"role": "user", "content": ["Tell me more about the weather."]}]
 

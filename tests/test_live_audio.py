@@ -14,6 +14,8 @@ from runtime.session import Session
 from tests.conftest import speechlike
 
 MAX_CONTEXT = 640
+EXPORTS_AHEAD = [("onnx", name, "--max-context", str(MAX_CONTEXT))  # queued at session start
+                 for name in ("tiny-minicpm-o-4.5", "tiny-minicpm-o-2.6")]
 
 
 @pytest.mark.parametrize("follow_up", [False, True])

@@ -19,6 +19,8 @@ from runtime.session import ContextFull, Session
 from tests.conftest import noise_image
 
 MAX_CONTEXT = 640
+EXPORTS_AHEAD = [("onnx", name, "--max-context", str(MAX_CONTEXT))  # queued at session start
+                 for name in ("tiny-minicpm-v-4", "tiny-minicpm-o-4.5")]
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ from minicpm.video import load_video
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import V45_EXPORTS as EXPORTS
-from tests.conftest import encode_video, noise_image
+from tests.conftest import encode_video, noise_image, v45_command
 
 pytest.importorskip("av")
 
 MODEL = "tiny-minicpm-v-4.5"
+EXPORTS_AHEAD = [v45_command(fmt) for fmt in EXPORTS]  # queued at session start
 BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch", "coreai": "coreai"}
 SAMPLING = SamplingConfig(max_new_tokens=16)
 
