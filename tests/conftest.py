@@ -44,6 +44,22 @@ def tiny():
     return get
 
 
+@pytest.fixture(scope="session")
+def hybrid():
+    """hybrid(name) -> (HybridCheckpoint, model loaded by our strict loader) of MiniCPM-V 4.6 / 4.7, once per name."""
+    from minicpm.v4_6 import HybridCheckpoint
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            ckpt = HybridCheckpoint.open(name)
+            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
+        return loaded[name]
+
+    return get
+
+
 class Exports:
     """Export directories shared by every test module: `exports(fmt, model, *args)` runs `python -m export.<fmt>
     --model model --out DIR *args` once per distinct command in the session (its own process, two at a time) and

@@ -34,21 +34,6 @@ def exported(exports):
     return lambda name: exports("coreai", name, *ARGS)
 
 
-@pytest.fixture(scope="module")
-def hybrid():
-    from minicpm.v4_6 import HybridCheckpoint  # noqa: PLC0415
-
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            ckpt = HybridCheckpoint.open(name)
-            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
-        return loaded[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_functions_match_the_torch_step(exported, hybrid, name):
     """prefill (T = 128) and decode (T = 1) sharing one set of state arrays, over two conversations of the session's

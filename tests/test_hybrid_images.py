@@ -15,7 +15,7 @@ import torch
 
 from minicpm.generation import SamplingConfig
 from minicpm.hybrid_vision import HybridVisionStep, max_patches_bound, split_slices
-from minicpm.v4_6 import HybridCheckpoint, canvas_positions, prompt_inputs, prompt_positions
+from minicpm.v4_6 import canvas_positions, prompt_inputs, prompt_positions
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import ROOT, noise_image
@@ -32,19 +32,6 @@ def exported(exports):
     for name in NAMES:
         exports.start("onnx", name, "--max-context", str(MAX_CONTEXT))
     return lambda name: exports("onnx", name, "--max-context", str(MAX_CONTEXT))
-
-
-@pytest.fixture(scope="module")
-def hybrid():
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            ckpt = HybridCheckpoint.open(name)
-            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
-        return loaded[name]
-
-    return get
 
 
 def _images(seed: int = 0) -> list:

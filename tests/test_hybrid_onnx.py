@@ -15,7 +15,7 @@ from export.onnx_hybrid import parity_examples, step_names
 from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig
 from minicpm.hybrid_step import HybridLanguageModelStep
-from minicpm.v4_6 import HybridCheckpoint, prompt_inputs
+from minicpm.v4_6 import prompt_inputs
 from runtime.manifest import read_manifest
 from runtime.session import ContextFull, Session
 from tests.conftest import noise_image
@@ -33,19 +33,6 @@ def exported(exports):
     for name in NAMES:
         exports.start("onnx", name, "--max-context", str(MAX_CONTEXT))
     return lambda name: exports("onnx", name, "--max-context", str(MAX_CONTEXT))
-
-
-@pytest.fixture(scope="module")
-def hybrid():
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            ckpt = HybridCheckpoint.open(name)
-            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
-        return loaded[name]
-
-    return get
 
 
 def _reference(ckpt, model, ids: list[int], new: int) -> list[int]:

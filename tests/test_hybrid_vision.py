@@ -12,25 +12,10 @@ import pytest
 import torch
 
 from minicpm.hybrid_vision import HybridVisionStep, VisionLayout, max_patches_bound, split_slices, vision_inputs
-from minicpm.v4_6 import HybridCheckpoint
 from tests.conftest import noise_image
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
 IMAGES = [(200, 150), (640, 480), (300, 900)]  # (width, height): not sliced, sliced 1x2, tall (3x1 + thumbnail)
-
-
-@pytest.fixture(scope="module")
-def hybrid():
-    """hybrid(name) -> (HybridCheckpoint, model), loaded once per name."""
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            ckpt = HybridCheckpoint.open(name)
-            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
-        return loaded[name]
-
-    return get
 
 
 def _bound(ckpt) -> int:

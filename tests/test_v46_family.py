@@ -17,7 +17,6 @@ from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep, greedy_generate
 from minicpm.v4_6 import (
     HYBRID_VARIANTS,
-    HybridCheckpoint,
     load_model,
     prompt_embeddings,
     prompt_inputs,
@@ -25,20 +24,6 @@ from minicpm.v4_6 import (
 )
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
-
-
-@pytest.fixture(scope="session")
-def hybrid():
-    """hybrid(name) -> (HybridCheckpoint, model loaded by our strict loader), once per name."""
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            ckpt = HybridCheckpoint.open(name)
-            loaded[name] = (ckpt, ckpt.load_model("float32")[0])
-        return loaded[name]
-
-    return get
 
 
 def _image(h: int, w: int, seed: int = 0) -> Image.Image:
