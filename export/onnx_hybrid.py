@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -58,7 +57,7 @@ from export.bundle import (
 )
 from minicpm.cache import StateCache, StateSpec
 from minicpm.errors import UserError
-from minicpm.hybrid_step import HybridLanguageModelStep, unit_lower_inverse
+from minicpm.hybrid_step import HybridLanguageModelStep, carry_chunk, chunk_terms
 from minicpm.hybrid_vision import HybridVisionStep, max_patches_bound, split_slices
 from minicpm.v4_6 import HybridCheckpoint, is_hybrid_config
 from runtime.manifest import write_manifest
@@ -88,34 +87,10 @@ def scan_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     from torch._higher_order_ops.scan import scan  # noqa: PLC0415
 
     heads, tokens = key.shape[:2]
-    chunks = (tokens + SUB_CHUNK - 1) // SUB_CHUNK
-    pad = chunks * SUB_CHUNK - tokens
-    query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-    decay, beta = (F.pad(x, (0, pad)) for x in (decay, beta))
-    query, key, value = (x.reshape(heads, chunks, SUB_CHUNK, x.shape[-1]) for x in (query, key, value))
-    decay, beta = decay.reshape(heads, chunks, SUB_CHUNK), beta.reshape(heads, chunks, SUB_CHUNK)
-    lower = torch.ones(SUB_CHUNK, SUB_CHUNK, dtype=torch.bool, device=key.device).tril()
-    cum = decay.cumsum(-1)
-    pair = (cum[..., :, None] - cum[..., None, :]).masked_fill(~lower, float("-inf")).exp()
-    k_beta = key * beta[..., None]
-    a = ((k_beta @ key.transpose(-1, -2)) * pair).masked_fill(~lower.tril(-1), 0.0)
-    inverse = unit_lower_inverse(a)
-    new_values = inverse @ (value * beta[..., None])
-    k_cumdecay = inverse @ (k_beta * cum.exp()[..., None])
-    intra = (query @ key.transpose(-1, -2)) * pair
-    query = query * cum.exp()[..., None]
-    last = cum[..., -1:]
-    key = key * (last - cum).exp()[..., None]
-    chunk_decay = last.exp()[..., None]  # [h, chunks, 1, 1]
-
-    def step(carry, q, k, v, kc, it, cd):
-        v_new = v - kc @ carry
-        out = q @ carry + it @ v_new
-        return carry * cd + k.transpose(-1, -2) @ v_new, out
-
-    xs = [x.transpose(0, 1) for x in (query, key, new_values, k_cumdecay, intra, chunk_decay)]  # chunks first
-    state, outs = scan(lambda carry, x: step(carry, *x), state, xs)
-    out = outs.transpose(0, 1).reshape(heads, chunks * SUB_CHUNK, -1)[:, :tokens]
+    terms = chunk_terms(query, key, value, decay, beta, SUB_CHUNK)
+    xs = [t.transpose(0, 1) for t in terms]  # chunks first
+    state, outs = scan(lambda carry, x: carry_chunk(carry, *x), state, xs)
+    out = outs.transpose(0, 1).reshape(heads, -1, outs.shape[-1])[:, :tokens]
     return out, state
 
 

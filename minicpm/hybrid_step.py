@@ -49,19 +49,18 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor,
-                     beta: torch.Tensor, state: torch.Tensor, block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule in chunked form, float32 (transformers' `torch_chunk_gated_delta_rule` with chunk size
-    `min(block, T)`). query/key [h, T, dk] (l2-normalised, query scaled), value [h, T, dv], decay (log space, <= 0)
-    and beta [h, T], state [h, dk, dv] -> (out [h, T, dv], new state). T is padded to a multiple of the chunk with
-    decay 0 and beta 0, which leaves the state untouched; for T = 1 this is exactly the recurrent rule."""
+def chunk_terms(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor,
+                beta: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """The within-chunk algebra of the chunked delta rule, batched over chunks of `size` rows (T padded with
+    decay 0 and beta 0, which leaves the state untouched): (query, key, new_values, k_cumdecay, intra,
+    chunk_decay), each with the chunk axis second ([h, chunks, ...]). What is left is the carry of the state from
+    one chunk to the next (`carry_chunk`)."""
     heads, tokens = key.shape[:2]
-    size = min(block, tokens)
-    pad = (size - tokens % size) % size
-    if pad:
+    chunks = (tokens + size - 1) // size
+    pad = chunks * size - tokens
+    if not isinstance(pad, int) or pad:  # a symbolic T (ONNX) always pads; a static one only when it must
         query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
         decay, beta = (F.pad(x, (0, pad)) for x in (decay, beta))
-    chunks = (tokens + pad) // size
     query, key, value = (x.reshape(heads, chunks, size, x.shape[-1]) for x in (query, key, value))
     decay, beta = decay.reshape(heads, chunks, size), beta.reshape(heads, chunks, size)
     lower = torch.ones(size, size, dtype=torch.bool, device=key.device).tril()
@@ -77,13 +76,29 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     last = cum[..., -1:]
     key = key * (last - cum).exp()[..., None]
     chunk_decay = last.exp()[..., None]  # [h, chunks, 1, 1]
+    return query, key, new_values, k_cumdecay, intra, chunk_decay
+
+
+def carry_chunk(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+                intra: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of `chunk_terms` against the state carried in: (the state carried out, the chunk's output)."""
+    v_new = v - kc @ state
+    return state * decay + k.transpose(-1, -2) @ v_new, q @ state + intra @ v_new
+
+
+def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor,
+                     beta: torch.Tensor, state: torch.Tensor, block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule in chunked form, float32 (transformers' `torch_chunk_gated_delta_rule` with chunk size
+    `min(block, T)`). query/key [h, T, dk] (l2-normalised, query scaled), value [h, T, dv], decay (log space, <= 0)
+    and beta [h, T], state [h, dk, dv] -> (out [h, T, dv], new state). T is padded to a multiple of the chunk with
+    decay 0 and beta 0, which leaves the state untouched; for T = 1 this is exactly the recurrent rule."""
+    tokens = key.shape[1]
+    terms = chunk_terms(query, key, value, decay, beta, min(block, tokens))
     outs = []
-    for c in range(chunks):
-        v_new = new_values[:, c] - k_cumdecay[:, c] @ state
-        outs.append(query[:, c] @ state + intra[:, c] @ v_new)
-        state = state * chunk_decay[:, c] + key[:, c].transpose(-1, -2) @ v_new
-    out = torch.cat(outs, dim=1)[:, :tokens]
-    return out, state
+    for c in range(terms[0].shape[1]):
+        state, out = carry_chunk(state, *(t[:, c] for t in terms))
+        outs.append(out)
+    return torch.cat(outs, dim=1)[:, :tokens], state
 
 
 class HybridLanguageModelStep(nn.Module):
