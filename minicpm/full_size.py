@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def parameter_count(cfg: dict | None = None) -> int:
 
 def ensure_full_size(name: str) -> Path:
     """The cached full-size checkpoint `name`, built atomically on first use (~7.1 GB, a few minutes)."""
-    from minicpm.tiny import cache_dir  # noqa: PLC0415
+    from minicpm.tiny import build_into, cache_dir  # noqa: PLC0415
 
     target = cache_dir() / "full" / f"{name}-v{BUILDER_VERSION}"
     if (target / "model.safetensors.index.json").is_file() and (target / "config.json").is_file():
@@ -181,17 +180,7 @@ def ensure_full_size(name: str) -> Path:
         raise UserError(f"{name} needs {need / 1e9:.1f} GB on disk in {target.parent}, {free / 1e9:.1f} GB free "
                         "(set MINICPM_CACHE to a larger disk)")
     print(f"building {name} (random weights, {need / 1e9:.1f} GB) into {target}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build_full_size(name, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return build_into(target, lambda tmp: build_full_size(name, tmp))
 
 
 if __name__ == "__main__":  # `python -m minicpm.full_size`: build (or find) the cached checkpoint, print its path

@@ -269,9 +269,15 @@ def ensure_tiny(name: str) -> Path:
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    return build_into(target, lambda tmp: build_tiny(name, tmp))
+
+
+def build_into(target: Path, build) -> Path:
+    """Run `build(tmp)` on a temporary sibling of `target` and rename it into place when complete, so a cached
+    checkpoint is whole or absent (concurrent builders: the first rename wins, the others drop theirs)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny(name, tmp)
+        build(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
