@@ -164,9 +164,21 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         torch.set_default_dtype(previous)
     params = dict(model.state_dict())
     tied = "llm.lm_head.weight" if config.llm.tie_word_embeddings else None
+    report, _ = load_strictly(path, params, lambda key: _skip_reason(key, config), config.variant.name, tied)
+    if tied:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    model.eval()
+    return model, report
+
+
+def load_strictly(path: Path, params: dict[str, torch.Tensor], skip_reason, name: str,
+                  tied: str | None = None) -> tuple[LoadReport, set[str]]:
+    """Copy every safetensors tensor of `path` into `params` (a model's state_dict) by name; `skip_reason(key)`
+    names the tensors skipped on purpose. Shape mismatches, missing keys (but the `tied` head) and unexpected keys
+    are one UserError naming them. Returns the report and the keys loaded."""
     report, seen, unexpected, mismatched = LoadReport(), set(), [], []
     for key, tensor in iter_tensors(path):
-        reason = _skip_reason(key, config)
+        reason = skip_reason(key)
         if reason:
             report.skipped[reason] = report.skipped.get(reason, 0) + 1
             continue
@@ -176,25 +188,18 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         if tuple(tensor.shape) != tuple(params[key].shape):
             mismatched.append(f"{key} (checkpoint {list(tensor.shape)}, model {list(params[key].shape)})")
             continue
-        params[key].copy_(tensor)
+        with torch.no_grad():
+            params[key].copy_(tensor)
         seen.add(key)
         report.loaded += 1
     missing = [k for k in params if k not in seen and k != tied]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch: {', '.join(mismatched[:5])}")
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)"
-                                                                     if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (f" (+{len(unexpected) - 5} more)"
-                                                                           if len(unexpected) > 5 else ""))
+    problems = [f"shape mismatch: {', '.join(mismatched[:5])}"] if mismatched else []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""))
     if problems:
-        raise UserError(f"{path}: checkpoint does not match {config.variant.name}: " + "; ".join(problems))
-    if tied:
-        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    model.eval()
-    return model, report
+        raise UserError(f"{path}: checkpoint does not match {name}: " + "; ".join(problems))
+    return report, seen
 
 
 def save_model(model: MiniCPMV, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,

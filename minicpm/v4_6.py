@@ -155,12 +155,19 @@ def _tied_head(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
+def _skip_reason(key: str) -> str | None:
+    """Why a checkpoint tensor is skipped on purpose (recomputed buffers, the multi-token-prediction head)."""
+    if DERIVED_BUFFERS.search(key):
+        return "derived buffers"
+    return "mtp." if SKIPPED.search(key) else None
+
+
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto") -> tuple[PreTrainedModel, object]:
     """Build transformers' own class from config.json and load the safetensors strictly (no random init, one copy).
     Returns the model and a `minicpm.checkpoint.LoadReport`."""
     from transformers.initialization import no_init_weights  # noqa: PLC0415
 
-    from minicpm.checkpoint import LoadReport, _resolve_dtype, iter_tensors  # noqa: PLC0415 (checkpoint imports us)
+    from minicpm.checkpoint import _resolve_dtype, load_strictly  # noqa: PLC0415 (checkpoint imports us)
 
     path = Path(path)
     variant, config = load_config(path)
@@ -177,31 +184,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         torch.set_default_dtype(previous)
     params = dict(model.state_dict())
     tied = "lm_head.weight" if _tied_head(config) else None
-    report, seen, unexpected, mismatched = LoadReport(), set(), [], []
-    for key, tensor in iter_tensors(path):
-        reason = "derived buffers" if DERIVED_BUFFERS.search(key) else ("mtp." if SKIPPED.search(key) else None)
-        if reason:
-            report.skipped[reason] = report.skipped.get(reason, 0) + 1
-            continue
-        if key not in params:
-            unexpected.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(params[key].shape):
-            mismatched.append(f"{key} (checkpoint {list(tensor.shape)}, model {list(params[key].shape)})")
-            continue
-        with torch.no_grad():
-            params[key].copy_(tensor)
-        seen.add(key)
-        report.loaded += 1
-    missing = [k for k in params if k not in seen and k != tied]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch: {', '.join(mismatched[:5])}")
-    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
-        if keys:
-            problems.append(f"{what}: {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""))
-    if problems:
-        raise UserError(f"{path}: checkpoint does not match {variant.name}: " + "; ".join(problems))
+    report, seen = load_strictly(path, params, _skip_reason, variant.name, tied)
     if tied and "lm_head.weight" not in seen:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval()
