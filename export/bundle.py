@@ -155,14 +155,30 @@ def copy_model_files(ckpt: Checkpoint, dest: Path, names: list[str] = MODEL_FILE
     return copied
 
 
+TABLE_ROWS = 4096  # rows checked / converted at a time, so a 752 MB table never has a second full copy
+
+
+def is_bfloat16_exact(table: torch.Tensor) -> bool:
+    """Whether every value of `table` is a bfloat16 number (a bf16 checkpoint upcast at load)."""
+    return all(torch.equal(rows.to(torch.bfloat16).to(rows.dtype), rows) for rows in table.split(TABLE_ROWS))
+
+
 def write_embedding_table(model: MiniCPMV | None, dest: Path, dtype: torch.dtype,
                           table: torch.Tensor | None = None) -> dict:
     """Raw little-endian [V, H] table (mmap-able from Swift without a parser): the model's, or `table` (the
-    hybrid models' transformers classes: `model.get_input_embeddings().weight`)."""
-    table = (token_embedding_table(model) if table is None else table.detach()).to(dtype).contiguous().numpy()
-    name = "token_embedding.bin"
-    table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(dest / name)
-    return {**file_entry(dest, name), "format": "raw", "dtype": str(table.dtype), "shape": list(table.shape)}
+    hybrid models' transformers classes: `model.get_input_embeddings().weight`). Written as bfloat16 whenever every
+    value is a bfloat16 number (real checkpoints are bf16): the very same lookups at half the bytes of float32 and
+    without float16's rounding; otherwise in the export's `dtype`."""
+    table = token_embedding_table(model) if table is None else table.detach()
+    if dtype != torch.bfloat16 and is_bfloat16_exact(table):
+        dtype = torch.bfloat16
+    name, dtype_name = "token_embedding.bin", str(dtype).removeprefix("torch.")
+    with open(dest / name, "wb") as f:  # row blocks: no converted copy of the whole table
+        for rows in table.split(TABLE_ROWS):
+            rows = rows.to(dtype).contiguous()
+            bits = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bfloat16: write its bits
+            f.write(bits.numpy().astype(bits.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+    return {**file_entry(dest, name), "format": "raw", "dtype": dtype_name, "shape": list(table.shape)}
 
 
 VIDEO_FRAME_SLOTS = 6  # frames per group in the exported video graph (the 3D resampler takes up to 6)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -49,14 +50,18 @@ class ContextFull(UserError):
     """The conversation no longer fits in the KV cache."""
 
 
+TABLE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # numpy has no bfloat16 of its own
+
+
 def _embedding_table(directory: Path, manifest: dict) -> np.memmap:
     """The raw [V, H] table, memory-mapped; refused in one line unless the file holds exactly what the manifest says."""
     entry = manifest["artifacts"].get("token_embedding")
-    if entry is None or entry.get("dtype") not in ("float32", "float16") or len(entry.get("shape", [])) != 2:
-        raise UserError(f"{directory}: manifest.json lacks a token_embedding artifact with a float32/float16 dtype "
-                        "and a [vocab, hidden] shape")
+    if entry is None or entry.get("dtype") not in TABLE_DTYPES or len(entry.get("shape", [])) != 2:
+        raise UserError(f"{directory}: manifest.json lacks a token_embedding artifact with a float32/float16/bfloat16 "
+                        "dtype and a [vocab, hidden] shape")
     vocab, hidden = entry["shape"]
-    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+    dtype = TABLE_DTYPES[entry["dtype"]].newbyteorder("<")
     path = artifact_path(directory, manifest, "token_embedding")
     size = vocab * hidden * dtype.itemsize
     if vocab < 1 or hidden != manifest["model"]["hidden_size"] or path.stat().st_size != size:

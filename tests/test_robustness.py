@@ -99,6 +99,29 @@ def test_embedding_table_that_disagrees_with_the_manifest(copy):
         Session(copy)
 
 
+def test_bfloat16_table_halves_the_bytes_with_the_same_lookups(copy):
+    """A table of bfloat16 numbers (a bf16 checkpoint) is written as bfloat16; the host's rows equal it exactly."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from export.bundle import write_embedding_table  # noqa: PLC0415
+    from runtime.manifest import write_manifest  # noqa: PLC0415
+    from runtime.session import _embedding_table  # noqa: PLC0415
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    vocab, hidden = manifest["artifacts"]["token_embedding"]["shape"]
+    table = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
+    entry = write_embedding_table(None, copy, torch.float32, table)
+    assert entry["dtype"] == "bfloat16" and entry["size"] == vocab * hidden * 2
+    manifest["artifacts"]["token_embedding"] = entry
+    write_manifest(copy, manifest)
+    rows = [0, 5, vocab - 1]
+    got = _embedding_table(copy, read_manifest(copy))[rows].astype(np.float32)
+    np.testing.assert_array_equal(got, table[rows].numpy())
+    table[3, 0] = 1.0 + 2.0**-10  # one value bfloat16 cannot hold: the export's own dtype
+    assert write_embedding_table(None, copy, torch.float32, table)["dtype"] == "float32"
+
+
 def test_hundreds_of_images_in_one_message(tiny):
     """500 images (a 33k-token prompt) are a long prompt, not a crash: every placeholder span is found, in order."""
     import numpy as np  # noqa: PLC0415

@@ -6,22 +6,22 @@ import Foundation
 public struct EmbeddingTable: Sendable {
     public let vocabSize: Int
     public let hiddenSize: Int
-    /// "float32" or "float16" (little-endian), as the manifest says.
+    /// "float32", "float16" or "bfloat16" (little-endian), as the manifest says.
     public let dtype: String
     private let data: Data
 
     /// Maps the manifest's `token_embedding` artifact; refused in one line unless the file holds exactly the
-    /// `[vocab, hidden]` float32/float16 table the manifest describes (as the Python runtime refuses it).
+    /// `[vocab, hidden]` float32/float16/bfloat16 table the manifest describes (as the Python runtime refuses it).
     public init(manifest: Manifest) throws {
         let directory = manifest.directory.path
         guard let entry = manifest.artifacts["token_embedding"], let dtype = entry.dtype,
-              ["float32", "float16"].contains(dtype), let shape = entry.shape, shape.count == 2 else {
+              ["float32", "float16", "bfloat16"].contains(dtype), let shape = entry.shape, shape.count == 2 else {
             throw MiniCPMError.invalidExport("\(directory): manifest.json lacks a token_embedding artifact with a "
-                                             + "float32/float16 dtype and a [vocab, hidden] shape")
+                                             + "float32/float16/bfloat16 dtype and a [vocab, hidden] shape")
         }
         let (vocab, hidden) = (shape[0], shape[1])
         let url = manifest.url(of: "token_embedding")
-        let size = vocab * hidden * (dtype == "float16" ? 2 : 4)
+        let size = vocab * hidden * (dtype == "float32" ? 4 : 2)
         let refused = MiniCPMError.invalidExport("\(directory): token_embedding (\(url.lastPathComponent)) does not "
                                                  + "hold the [\(vocab), \(hidden)] \(dtype) table the manifest describes")
         guard vocab >= 1, hidden == manifest.model.hiddenSize else { throw refused }
@@ -50,6 +50,9 @@ public struct EmbeddingTable: Sendable {
                         if dtype == "float16" {
                             let bits = raw.loadUnaligned(fromByteOffset: (id * h + j) * 2, as: UInt16.self)
                             value = HalfFloat.float(UInt16(littleEndian: bits))
+                        } else if dtype == "bfloat16" {  // the upper half of a float32
+                            let bits = raw.loadUnaligned(fromByteOffset: (id * h + j) * 2, as: UInt16.self)
+                            value = Float(bitPattern: UInt32(UInt16(littleEndian: bits)) << 16)
                         } else {
                             let bits = raw.loadUnaligned(fromByteOffset: (id * h + j) * 4, as: UInt32.self)
                             value = Float(bitPattern: UInt32(littleEndian: bits))

@@ -67,6 +67,27 @@ struct EmbeddingTableTests {
         #expect(try half.embed([3, 9], scale: 2) == (try full.embed([3, 9], scale: 1)).map { HalfFloat.round($0) * 2 })
     }
 
+    @Test("a bfloat16 table reads the upper halves of the float32 values exactly")
+    func bfloat16() throws {
+        let dir = try Self.copy { dir, manifest in
+            let url = dir.appendingPathComponent("token_embedding.bin")
+            let floats = try Data(contentsOf: url).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+            let upper = floats.map { UInt16($0.bitPattern >> 16).littleEndian }  // truncation: exact bfloat16 values
+            try upper.withUnsafeBytes { Data($0) }.write(to: url)
+            var artifacts = manifest["artifacts"] as! [String: Any]
+            var entry = artifacts["token_embedding"] as! [String: Any]
+            entry["dtype"] = "bfloat16"
+            artifacts["token_embedding"] = entry
+            manifest["artifacts"] = artifacts
+        }
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let brain = try EmbeddingTable(manifest: try Manifest.load(directory: dir, verify: false))
+        let full = try EmbeddingTable(manifest: try Manifest.load(directory: Self.export, verify: false))
+        #expect(brain.dtype == "bfloat16")
+        let truncated = (try full.embed([3, 9], scale: 1)).map { Float(bitPattern: $0.bitPattern & 0xffff_0000) * 2 }
+        #expect(try brain.embed([3, 9], scale: 2) == truncated)
+    }
+
     @Test("float16 conversion: every half value round-trips, floats round to nearest even")
     func halfConversion() {
         for bits in UInt16.min...UInt16.max where (bits & 0x7c00) != 0x7c00 || (bits & 0x3ff) == 0 {
