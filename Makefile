@@ -11,7 +11,7 @@ SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 SWIFT_PACKAGE := ios_bridge/MiniCPMKit
 VECTORS := out/vectors
 
-.PHONY: venv demo test test-python test-swift vectors fuzz bench bench-full lint clean
+.PHONY: venv demo test test-python test-swift vectors fuzz bench bench-full bench-hybrid-full lint clean
 
 venv: $(STAMP)
 
@@ -56,13 +56,19 @@ fuzz: venv
 	FUZZ_CASES=$(FUZZ_CASES) $(PY) -m tests.fuzz
 
 # Speed and memory of the schedule (export time and peak RSS, bytes per token, TTFT, prefill/decode tok/s against
-# the measured DRAM roofline, device estimate) on tiny and mid-size models. `make bench FULL=1` = `make bench-full`.
+# the measured DRAM roofline, device estimate) on tiny and mid-size models, tiny MiniCPM-V 4.6 / 4.7 included.
+# `make bench FULL=1` = `make bench-full`.
 bench: venv
-	$(PY) -m runtime.bench $(if $(FULL),--full-size)
+	$(PY) -m runtime.bench $(if $(FULL),--full-size --hybrid-full)
 
-# The same plus the full-size V-4.0-shaped model (3.79 B, random weights; ~7.1 GB built on first use, 20+ GB RAM).
+# The same plus the full-size models: V-4.0-shaped (3.79 B, random weights; ~7.1 GB built on first use, 20+ GB RAM)
+# and 4.7-1B-shaped (1.30 B; ~2.6 GB built on first use, its float32 export peaks near 10.5 GB RAM).
 bench-full: venv
-	$(PY) -m runtime.bench --full-size
+	$(PY) -m runtime.bench --full-size --hybrid-full
+
+# Only the 4.7-1B-shaped model (ONNX float and int4 through onnxruntime; about 50 minutes on 2 cores).
+bench-hybrid-full: venv
+	$(PY) -m runtime.bench --models "" --hybrid-full --out out/bench-hybrid-full
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -103,6 +103,7 @@ class TransposedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features  # read by some callers' code
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
         scale = getattr(linear, "input_scale", None)  # InputScaledLinear (an AWQ scale no norm could absorb)
@@ -122,6 +123,7 @@ class BlockwiseLinear(TransposedLinear):
 
     def __init__(self, linear: nn.Linear, record, dtype: torch.dtype):
         nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("codes", record.codes.t().contiguous())
         self.register_buffer("scales", record.scales.t().to(dtype).contiguous())  # float16 values: exact in fp32
         self.register_buffer("zeros", record.zeros.t().contiguous())
@@ -372,7 +374,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="AWQ calibration samples (default 32)")
     parser.add_argument("--calib", help="AWQ calibration JSONL (default: the built-in offline set)")
     args = parser.parse_args(argv)
-    check_export_arguments(args)
+    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
+
+    args.hybrid = is_hybrid_model(args.model)
+    if not args.hybrid:  # the hybrid exporter checks them once its --max-patches default is known
+        check_export_arguments(args)
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     return args
@@ -381,9 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import_coreai()
-    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
-
-    if is_hybrid_model(args.model):  # MiniCPM-V 4.6 / 4.7: the LLM step with its state as Core AI state
+    if args.hybrid:  # MiniCPM-V 4.6 / 4.7: the LLM step with its state as Core AI state
         from export.coreai_hybrid import export_hybrid  # noqa: PLC0415
 
         return export_hybrid(args)

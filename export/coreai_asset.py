@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from minicpm.errors import UserError
-from runtime.backends import native_stderr_silenced
+from runtime.backends.call_shapes import native_stderr_silenced
 
 INT_INPUTS = (np.int64, np.int32)  # the runtime takes int32 where the torch graph has int64 inputs
 

@@ -5,6 +5,9 @@ the manifest.
         [--prefill-chunk N] [--max-context N] [--precision fp16|fp32] [--lm-head int8|fp16]
         [--compute-units all|cpu_only|cpu_and_gpu|cpu_and_ne] [--target iOS18|macOS15] [--ane-vision]
 
+MiniCPM-V 4.6 / 4.7 (hybrid checkpoints) are exported by export/coreml_hybrid.py (vision step, LLM step with its
+per-layer state as Core ML state); what follows describes the older models' packages.
+
 Packages (ML programs for iOS 18 / macOS 15; they convert on Linux, run only on Apple platforms):
 - `vision.mlpackage`: one slice per call, the ONNX vision graph's inputs at batch 1: pixel_values
   [1,3,p,P*p], position_ids [1,P] int32 (host NaViT ids), patch_mask [1,P], pos_embed [1,P,H] ->
@@ -91,6 +94,7 @@ from export.coreml_package import (
     peak_rss_mb,
     publish_package,
     quiet_converter,
+    save_llm_function,
     save_package,
     tag_fp32,
     tree_size,
@@ -387,13 +391,8 @@ def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: 
                   ct.TensorType(name="attention_mask", shape=(1, 1, tokens, context + tokens), dtype=floating),
                   ct.TensorType(name="last_index", shape=(1,), dtype=np.int32)]
         progress.set_postfix_str(f"llm {name} (T={tokens}): converting")
-        mlmodel = convert(ct, program, inputs, [ct.TensorType(name="logits", dtype=floating)], args, fp32_ops=True,
-                          what=f"LLM {name} function")
+        paths[name] = save_llm_function(ct, program, inputs, args, parts / f"{name}.mlpackage")
         del program
-        paths[name] = parts / f"{name}.mlpackage"
-        with quiet_converter():
-            mlmodel.save(str(paths[name]))
-        del mlmodel
         gc.collect()
         progress.update()
     return paths
@@ -502,7 +501,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=64, help="AWQ calibration samples (default 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per AWQ calibration sample (default 512)")
     args = parser.parse_args(argv)
-    check_export_arguments(args)
+    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
+
+    args.hybrid = is_hybrid_model(args.model)
+    if not args.hybrid:  # the hybrid exporter checks them once its --max-patches default is known
+        check_export_arguments(args)
     if args.ane_vision and args.precision != "fp16":
         raise UserError("--ane-vision needs --precision fp16 (the Neural Engine computes in fp16 only)")
     if args.group_size is not None and args.group_size not in (32, 64, 128):
@@ -514,6 +517,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hybrid:  # MiniCPM-V 4.6 / 4.7: vision step, LLM step with its state as Core ML state
+        from export.coreml_hybrid import export_hybrid  # noqa: PLC0415
+
+        return export_hybrid(args)
     ct = import_coremltools()
     progress = tqdm(total=9, desc="export.coreml", unit="step")
     progress.set_postfix_str("loading checkpoint, quantising" if args.quant != "none" else "loading checkpoint")

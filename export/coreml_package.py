@@ -10,7 +10,7 @@ import os
 import resource
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +78,18 @@ def export_program(module: nn.Module, args: tuple) -> torch.export.ExportedProgr
         raise UserError(f"torch.export cannot trace {type(module).__name__}: {first_line(e)}") from e
 
 
-def tag_fp32(program: torch.export.ExportedProgram) -> int:
-    """Tag the nodes of every *RMSNorm module: coremltools keeps a node's stack trace as the op's scope, and
-    the fp16 pass's op selector (`keep_fp32`) leaves tagged ops in float32. Returns the number tagged."""
+def in_rmsnorm(node) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(str(entry[1]).endswith("RMSNorm") for entry in stack.values())
+
+
+def tag_fp32(program: torch.export.ExportedProgram, select: Callable = in_rmsnorm) -> int:
+    """Tag the nodes `select` picks (default: those of every *RMSNorm module): coremltools keeps a node's stack
+    trace as the op's scope, and the fp16 pass's op selector (`keep_fp32`) leaves tagged ops in float32. Returns the
+    number tagged."""
     tagged = 0
     for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if any(str(entry[1]).endswith("RMSNorm") for entry in stack.values()):
+        if select(node):
             node.meta["stack_trace"] = f"{KEEP_FP32}\n{node.meta.get('stack_trace') or ''}"
             tagged += 1
     return tagged
@@ -111,6 +116,16 @@ def convert(ct, program, inputs: list, outputs: list, args: argparse.Namespace, 
                               compute_units=getattr(ct.ComputeUnit, args.compute_units.upper()), skip_model_load=True)
     except Exception as e:  # noqa: BLE001 (one line for the user; the cause stays chained for debugging)
         raise UserError(f"coremltools {ct.__version__} cannot convert the {what}: {first_line(e)}") from e
+
+
+def save_llm_function(ct, program, inputs: list, args: argparse.Namespace, path: Path) -> Path:
+    """One LLM function (`path.stem`: prefill or decode, output `logits`) converted and saved as its own package;
+    the exporters merge the functions into one multifunction package afterwards."""
+    mlmodel = convert(ct, program, inputs, [ct.TensorType(name="logits", dtype=np_float(args))], args, fp32_ops=True,
+                      what=f"LLM {path.stem} function")
+    with quiet_converter():
+        mlmodel.save(str(path))
+    return path
 
 
 def first_line(e: Exception) -> str:

@@ -13,8 +13,11 @@ Methods of the program (ExecuTorch multimodal runner conventions):
   chunk of a clip per call, `AudioChunkStep` with the encoder cache of the clip's earlier chunks in mutable
   buffers (`StatefulAudioEncoder`); fixed shapes. Float, or with `--quantize-audio` (opt-in) the Whisper
   blocks' symmetric int4 records as 8da4w, exactly as the LLM's (below).
-- `token_embedding(input_ids [1,T]) -> [1,T,H]`: the raw table lookup (the host applies the manifest's
-  prompt embedding scale). The Python host reads `token_embedding.bin` instead, as for every format.
+- no `token_embedding` method (the runner convention's lookup): the table is stored once, in
+  `token_embedding.bin`, which every host of this project reads (runtime/session.py, ios_bridge), as for every
+  format. Nothing called the method, and the stock ExecuTorch multimodal runner cannot drive this program anyway
+  (its `text_decoder` takes the host's mask and positions); kept, it stored the [V, H] table a second time (752 MB
+  float32 on MiniCPM-V 4.0) and held it resident through the lowering.
 - `text_decoder(inputs_embeds [1,T,H], position_ids [1,T], attention_mask [1,1,T,C+T], last_index [1])
   -> logits [1,V]`. XNNPACK: T = 1..prefill_chunk, one method for chunked prefill and decode (weights stored
   once). Core ML (static shapes: a dynamic token axis hands coremltools SymInt inputs it cannot take):
@@ -35,6 +38,15 @@ to hold finite values (it is zero after load; `ExecuTorchBackend.reset()` zeroes
 Programs are written with `MemoryPlanningPass(share_mutable_buffers=True)`: the buffers get their own memory
 (id 2). Without it they sit in the activation arena that ExecuTorch shares between host-only methods, and a
 `vision_encoder` call between two turns overwrites the conversation's cache (measured).
+
+Memory: lowering needs every method at once, so the resident model is made small first (export/executorch_weights.py):
+with `--quant int4-rtn` or `none` the model starts on the meta device and each LLM Linear is read in bf16 and
+installed as its int8-unpacked int4 codes at once (no float32 copy of the LLM), the table is not read. The parity
+references (the torch modules' outputs) are computed before lowering, then the eager weights go: the exported
+programs hold the only references, and `lower_each` lowers one method at a time, dropping each method's traced
+weights once its delegates have serialised them. The program is written from its segments and every copy but the
+file's is freed before parity loads it. AWQ and quantised directories load the whole float32 model. Per-phase RSS
+(now, and the phase's peak) is printed after the summary.
 
 Quantisation (`--quant int4-awq|int4-rtn`): symmetric int4 records (quant/) applied as torchao
 `IntxUnpackedToInt8Tensor` weights with the records' exact codes. On XNNPACK they run as "8da4w" (int8
@@ -61,15 +73,10 @@ methods are in export/executorch_modules.py):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,35 +93,33 @@ from export.bundle import (
     check_export_arguments,
     copy_model_files,
     file_entry,
-    max_abs_error,
     staged_directory,
     video_example,
     write_embedding_table,
 )
+from export.executorch_lowering import delegation, lower_each, method_bytes, quiet_loggers
 from export.executorch_modules import (
+    AUDIO_INPUTS,
+    DECODER_INPUTS,
+    PARITY_KEYS,
+    VISION_INPUTS,
     StatefulAudioEncoder,
     StatefulDecoder,
-    TokenEmbedding,
     as_tensor,
     decoder_inputs,
     video_step,
     vision_step,
 )
+from export.executorch_parity import parity, parity_references
+from export.onnx_weights import MemoryStatus
 from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, quantized_model
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import AudioChunkStep, LanguageModelStep
 from runtime.cli import run
 from runtime.manifest import write_manifest
 
 PROGRAM = "model.pte"
-METHODS = ["vision_encoder", "video_encoder", "audio_encoder", "token_embedding", "text_decoder", "prefill"]
-VISION_INPUTS = ["pixel_values", "position_ids", "patch_mask", "pos_embed"]
-AUDIO_INPUTS = ["mel", "conv_mask", "position_ids", "attention_mask"]  # AudioChunkStep's, minus the past K/V
-PARITY_KEYS = {"audio_encoder": "audio"}  # manifest parity key of a method, where it is not the method's name
-DECODER_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index"]
-LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")  # edge node names
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,9 +210,6 @@ def build_methods(model: MiniCPMV, max_context: int, chunk: int, max_patches: in
         middle = audio_example(model)[1]
         methods["audio_encoder"] = Method(StatefulAudioEncoder(model).eval(),
                                           tuple(as_tensor(middle[n].numpy()) for n in AUDIO_INPUTS))
-    ids = torch.export.Dim("ids", min=1, max=max_context)
-    methods["token_embedding"] = Method(TokenEmbedding(model).eval(), (torch.tensor([[1, 2, 3]]),), ({1: ids},))
-
     decoder = StatefulDecoder(model, max_context, chunk).eval()  # one module: the methods share its buffers
     hidden = model.config.hidden_size
 
@@ -236,63 +238,18 @@ def _tanh_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def export_methods(methods: dict[str, Method]) -> dict[str, torch.export.ExportedProgram]:
+def export_methods(methods: dict[str, Method], undecomposed: tuple[str, ...] = ()
+                   ) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export each method, decomposed with the tanh GELU spelled out; the methods named in `undecomposed` are
+    left to lowering's own decomposition, which keeps whole what the partitioner takes (linear: no mm + permute)."""
     programs = {}
-    with torch.no_grad(), warnings.catch_warnings(), _quiet():
+    with torch.no_grad(), warnings.catch_warnings(), quiet_loggers():
         warnings.simplefilter("ignore")
         for name, method in methods.items():
             program = torch.export.export(method.module, method.example, dynamic_shapes=method.dynamic, strict=False)
-            programs[name] = program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
+            programs[name] = program if name in undecomposed else \
+                program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
     return programs
-
-
-def partitioners(backend: str, dtype: torch.dtype, names: list[str]) -> dict[str, list]:
-    """The delegate's partitioner for each method."""
-    if backend == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: PLC0415
-
-        return {name: [XnnpackPartitioner()] for name in names}
-    import coremltools as ct  # noqa: PLC0415
-    from executorch.backends.apple.coreml.compiler import CoreMLBackend  # noqa: PLC0415
-    from executorch.backends.apple.coreml.compiler.coreml_preprocess import (  # noqa: PLC0415
-        MULTIMETHOD_WEIGHT_SHARING_STRATEGY,
-    )
-    from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: PLC0415
-
-    specs = CoreMLBackend.generate_compile_specs(
-        minimum_deployment_target=ct.target.iOS18,  # int4 blockwise weights need iOS 18
-        compute_precision=ct.precision.FLOAT32 if dtype == torch.float32 else ct.precision.FLOAT16)
-    # Vision and decoder are different networks: positional weight sharing (for twins) does not apply.
-    specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
-        MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
-    # The KV cache stays an ExecuTorch buffer (shared, named, zeroable) rather than a Core ML state, so the
-    # program keeps the XNNPACK program's contract; Core ML runs the compute between the cache writes, which
-    # stay portable ops (coremltools 9.0 cannot convert an index_put at a runtime position).
-    coreml = CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=False,
-                               skip_ops_for_coreml_delegation=["aten.index_put.default"])
-    # The embedding lookup (dynamic length, a memcpy) stays a portable op.
-    return {name: [] if name == "token_embedding" else [coreml] for name in names}
-
-
-def lower(programs: dict, backend: str, metadata: dict, dtype: torch.dtype):
-    """to_edge_transform_and_lower + to_executorch -> (ExecutorchProgramManager, the edge manager)."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower  # noqa: PLC0415
-    from executorch.exir.passes import MemoryPlanningPass  # noqa: PLC0415
-
-    # coremltools draws a progress bar per pass and partition: noise here, the summary says what happened.
-    chatter = contextlib.redirect_stderr(io.StringIO()) if backend == "coreml" else contextlib.nullcontext()
-    with warnings.catch_warnings(), _quiet(), chatter:
-        warnings.simplefilter("ignore")
-        edge = to_edge_transform_and_lower(programs, partitioner=partitioners(backend, dtype, list(programs)),
-                                           constant_methods=metadata,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            # The cache buffers get their own memory, shared by every method (see the module docstring).
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True,  # hosts find (and may zero) k_cache_{i} / v_cache_{i} by name
-            run_reinplace_pass=True,  # cache writes in place, not a copy of the whole buffer per call
-        ))
-    return program, edge
 
 
 def metadata_methods(ckpt: Checkpoint, max_context: int, chunk: int, dynamic: bool) -> dict:
@@ -304,143 +261,8 @@ def metadata_methods(ckpt: Checkpoint, max_context: int, chunk: int, dynamic: bo
             "get_eos_ids": [int(i) for i in ckpt.stop_ids], "use_kv_cache": True, "enable_dynamic_shape": dynamic}
 
 
-def delegation(edge, backend_id: str) -> dict[str, dict]:
-    """Per method: delegated subgraphs / nodes, nodes left to portable kernels, and how many of the matrix
-    products with a weight (linear / mm / addmm nodes) run inside a delegate."""
-    from executorch.devtools.backend_debug import get_delegation_info  # noqa: PLC0415
-
-    out = {}
-    for name in sorted(edge.methods, key=METHODS.index):
-        gm = edge.exported_program(name).graph_module
-        info = get_delegation_info(gm)
-        by_op = info.delegation_by_operator
-        backends = sorted({getattr(gm, n.target).backend_id for n in gm.graph.nodes
-                           if n.op == "get_attr" and n.target.startswith("lowered_module")})
-        if backends and backends != [backend_id]:
-            raise RuntimeError(f"{name}: delegated to {backends}, expected {backend_id}")
-        out[name] = {"subgraphs": info.num_delegated_subgraphs, "delegated_nodes": info.num_delegated_nodes,
-                     "portable_nodes": info.num_non_delegated_nodes,
-                     "linear_delegated": sum(by_op[op].delegated for op in LINEAR_OPS if op in by_op),
-                     "linear_ops": sum(by_op[op].delegated + by_op[op].non_delegated for op in LINEAR_OPS
-                                       if op in by_op),
-                     "backends": backends}
-    return out
-
-
-def method_bytes(edge) -> dict[str, int]:
-    """Bytes each method brings to the program: its delegate blobs, the named weights they reference and the
-    constants its portable ops read (weights shared between methods count for each of them)."""
-    out = {}
-    for name in edge.methods:
-        program = edge.exported_program(name)
-        gm, signature = program.graph_module, program.graph_signature
-        named, total = {}, 0
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target.startswith("lowered_module"):
-                lowered = getattr(gm, node.target)
-                total += len(lowered.processed_bytes)
-                store = lowered.named_data_store_output
-                for key, entry in (store.pte_data if store is not None else {}).items():
-                    named[key] = len(store.buffers[entry.buffer_index])
-        mutated = set(signature.buffers_to_mutate.values())
-        constants = {**signature.inputs_to_parameters, **signature.inputs_to_lifted_tensor_constants,
-                     **{k: v for k, v in signature.inputs_to_buffers.items() if v not in mutated}}
-        tensors = {**program.state_dict, **program.constants}
-        for node in gm.graph.nodes:
-            if node.op == "placeholder" and node.name in constants and node.users:
-                value = tensors.get(constants[node.name])
-                total += value.nbytes if isinstance(value, torch.Tensor) else 0
-        out[name] = total + sum(named.values())
-    return out
-
-
 def count_linears(module: nn.Module) -> int:
     return sum(isinstance(m, nn.Linear) for m in module.modules())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parity: the program through executorch.runtime against the torch modules it was traced from
-# ---------------------------------------------------------------------------------------------------------
-
-
-def load_program(path: Path):
-    from executorch.runtime import Runtime  # noqa: PLC0415
-
-    return Runtime.get().load_program(path)
-
-
-@torch.no_grad()
-def parity(path: Path, methods: dict[str, Method], model: MiniCPMV, max_context: int, chunk: int) -> dict[str, float]:
-    """Max |error| of each method against its torch module: vision on a real slice, the embedding on edge ids,
-    the decoder over a whole schedule (see `decoder_parity`), the audio encoder over a clip (`audio_parity`)."""
-    program = load_program(path)
-    errors = {}
-    vision = methods["vision_encoder"]
-    errors["vision_encoder"] = max_abs_error(program.load_method("vision_encoder").execute(list(vision.example))[0],
-                                             vision.module(*vision.example))
-    if "video_encoder" in methods:  # both example groups (4 and 2 of the 6 frame slots used), one per call
-        video = methods["video_encoder"]
-        groups = video_example(model, max_patches=video.example[3].shape[2])  # pos_embed [1, frames, P, H]
-        method = program.load_method("video_encoder")
-        errors["video_encoder"] = max(
-            max_abs_error(method.execute([groups[n][i:i + 1] for n in VISION_INPUTS])[0],
-                          video.module(*(groups[n][i:i + 1] for n in VISION_INPUTS)))
-            for i in range(len(groups["pixel_values"])))
-    if "audio_encoder" in methods:
-        errors["audio"] = audio_parity(program.load_method("audio_encoder"), model)
-    ids = torch.tensor([[0, 5, 1, model.config.llm.vocab_size - 1]])
-    errors["token_embedding"] = max_abs_error(program.load_method("token_embedding").execute([ids])[0],
-                                              methods["token_embedding"].module(ids))
-    errors["text_decoder"] = decoder_parity(program.load_method("text_decoder").execute, model, max_context, chunk)
-    return errors
-
-
-@torch.no_grad()
-def decoder_parity(execute: Callable[[list], list], model: MiniCPMV, max_context: int, chunk: int,
-                   seed: int = 0) -> float:
-    """Run a schedule through a fresh stateful `execute` and through `LanguageModelStep` with a host-held
-    cache (what the ONNX/torch backends do): a full prefill chunk, two decode steps, then a padded chunk at the
-    end of the context whose pad rows land in the slack. The max |logit difference| over all calls."""
-    step = LanguageModelStep(model, max_context).eval()
-    shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
-    keys, values = torch.zeros(shape), torch.zeros(shape)
-    rng = np.random.RandomState(seed)
-    hidden = model.config.hidden_size
-    tail = max(1, chunk - 2)
-    calls = [(chunk, 0, chunk), (1, None, 1), (1, None, 1), (tail, max_context - tail, chunk)]
-    past, error = 0, 0.0
-    for n, start, width in calls:
-        past = past if start is None else start
-        inputs = decoder_inputs(rng.randn(n, hidden).astype(np.float32), past, width, max_context)
-        tensors = [as_tensor(inputs[k]) for k in DECODER_INPUTS]
-        got = execute(tensors)[0]
-        expected, new_keys, new_values = step(*tensors, keys, values)
-        keys[:, :, past:past + n] = new_keys[:, :, :n]
-        values[:, :, past:past + n] = new_values[:, :, :n]
-        error = max(error, max_abs_error(got, expected))
-        past += n
-    return error
-
-
-@torch.no_grad()
-def audio_parity(method, model: MiniCPMV) -> float:
-    """The three chunks of `audio_example` in order through a fresh `audio_encoder` against `AudioChunkStep` with
-    the host-held cache: max |error| of the tokens and of the K/V the method wrote to its buffers."""
-    step = AudioChunkStep(model).eval()
-    layers = len(model.apm.layers)
-    error = 0.0
-    for chunk in audio_example(model):
-        tokens, keys, values = step(**chunk)
-        got = method.execute([as_tensor(chunk[n].numpy()) for n in AUDIO_INPUTS])[0]
-        error = max(error, max_abs_error(got, tokens))
-        start, frames = int(chunk["position_ids"][0]), keys.shape[2]
-        for i in range(layers):
-            for kind, expected in (("k", keys), ("v", values)):
-                buffer = method._method.get_attribute(f"audio_{kind}_cache_{i}")
-                written = buffer[:, :, start:start + frames].transpose(1, 2) if kind == "k" else \
-                    buffer[:, start:start + frames]
-                error = max(error, max_abs_error(written, expected[i]))
-    return error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -468,68 +290,86 @@ def main(argv: list[str] | None = None) -> int:
                         help="delegate: xnnpack (CPU, runs here) or coreml (Apple; built and checked structurally)")
     parser.add_argument("--dtype", choices=("fp32",), default="fp32", help="graph and weight precision")
     args = parser.parse_args(argv)
-    check_export_arguments(args)
     from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
 
     if is_hybrid_model(args.model):  # MiniCPM-V 4.6 / 4.7: the state in mutable buffers (export/executorch_hybrid.py)
         from export.executorch_hybrid import export_hybrid  # noqa: PLC0415
 
-        return export_hybrid(args)
+        return export_hybrid(args)  # checks the arguments itself (its --max-patches default is the processor's)
+    check_export_arguments(args)
+    from export.executorch_weights import (  # noqa: PLC0415 (it imports this module)
+        collect,
+        phase_memory,
+        release_weights,
+        resident_model,
+    )
+
     dtype = torch.float32
     # Loading and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
     # on stderr (AWQ shows its own progress).
-    seconds = {}
+    seconds, memory = {}, {}
     t = time.perf_counter()
     ckpt = Checkpoint.open(args.model)
-    model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
-                                        args.calib, args.quantize_audio or None)
+    resident = resident_model(ckpt, args)
+    model, quant, facts = resident.model, resident.quant, resident.facts
     seconds["load + quantise"] = time.perf_counter() - t
+    memory["load + quantise"] = phase_memory()
     bar = tqdm(total=5, desc="export.executorch", unit="step")
-    with staged_directory(args.out) as out:
-        bar.set_postfix_str("torch.export")
+    with MemoryStatus(bar) as status, staged_directory(args.out) as out:
+        status("torch.export")
         t = time.perf_counter()
         try:
             methods = build_methods(model, args.max_context, args.prefill_chunk, args.max_patches, args.backend)
         except ValueError as e:
             raise UserError(str(e)) from None
         programs = export_methods(methods)
+        # Core ML programs build on Linux but load on Apple platforms only: no parity there.
+        references = parity_references(methods, model, args.max_context, args.prefill_chunk) \
+            if args.backend == "xnnpack" else {}
+        specs = _method_specs(methods, model)
+        # The exported programs hold the weights now: the eager ones go with them after lowering.
+        release_weights(model, *(m.module for m in methods.values()))
         seconds["export"] = time.perf_counter() - t
+        memory["export"] = phase_memory()
         bar.update()
-        bar.set_postfix_str(f"lowering to {args.backend}")
+        status(f"lowering to {args.backend}")
         t = time.perf_counter()
         backend_id = "XnnpackBackend" if args.backend == "xnnpack" else "CoreMLBackend"
         metadata = metadata_methods(ckpt, args.max_context, args.prefill_chunk,
                                     dynamic=methods["text_decoder"].dynamic is not None)
-        program, edge = lower(programs, args.backend, metadata, dtype)
+        program, edge = lower_each(programs, args.backend, metadata, dtype)
         delegated = delegation(edge, backend_id)
         for name, size in method_bytes(edge).items():
             delegated[name]["bytes"] = size
         path = out / PROGRAM
-        path.write_bytes(program.buffer)
+        with open(path, "wb") as f:  # from the serialised segments: `program.buffer` would join them in one copy
+            program.write_to_file(f)
+        del program, edge, programs  # every copy of the weights but the file's: parity has its references
+        collect()
         seconds["lower"] = time.perf_counter() - t
+        memory["lower"] = phase_memory()
         bar.update()
-        bar.set_postfix_str("parity")
+        status("parity")
         t = time.perf_counter()
-        # Core ML programs build on Linux but load on Apple platforms only: no parity here.
-        errors = parity(path, methods, model, args.max_context, args.prefill_chunk) if args.backend == "xnnpack" else {}
+        errors = parity(path, references) if references else {}
+        del references
         seconds["parity"] = time.perf_counter() - t
+        memory["parity"] = phase_memory()
         bar.update()
-        bar.set_postfix_str("embedding table, tokenizer")
-        specs = _method_specs(methods, model)
+        status("embedding table, tokenizer")
         for name, spec in specs.items():
             spec["delegation"] = delegated[name]
         artifacts = {"program": {**file_entry(out, PROGRAM), "format": "pte", "backend": backend_id,
                                  "methods": specs, "constant_methods": metadata},
-                     "token_embedding": write_embedding_table(model, out, dtype)}
+                     "token_embedding": write_embedding_table(None, out, dtype, resident.table())}
         files = copy_model_files(ckpt, out)
         bar.update()
-        bar.set_postfix_str("manifest")
+        status("manifest")
         prefill = "prefill" if "prefill" in methods else "text_decoder"
         steps = {"vision": {"artifact": "program", "function": "vision_encoder"},
                  **({"video": {"artifact": "program", "function": "video_encoder", "frames": VIDEO_FRAME_SLOTS,
                                "batch": 1}} if "video_encoder" in methods else {}),
                  **({"audio": audio_step(model, "program", "audio_encoder")} if "audio_encoder" in methods else {}),
-                 "embedding": {"artifact": "program", "function": "token_embedding"},
                  "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32",
@@ -549,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
     bar.close()
     _print_summary(args, ckpt, artifacts, delegated, errors, methods, quant, facts, seconds)
+    print("memory: " + "; ".join(f"{k}: {v}" for k, v in memory.items()))
     return 0
 
 
@@ -556,7 +397,6 @@ def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
     """Input / output names, shapes (a dynamic axis by its name, e.g. "tokens" or "tokens + 4096") and dtypes."""
     h, q, v = model.config.hidden_size, model.config.query_num, model.config.llm.vocab_size
     inputs = {"vision_encoder": VISION_INPUTS, "video_encoder": VISION_INPUTS, "audio_encoder": AUDIO_INPUTS,
-              "token_embedding": ["input_ids"],
               "text_decoder": DECODER_INPUTS,
               "prefill": DECODER_INPUTS}
     specs = {}
@@ -571,7 +411,6 @@ def _method_specs(methods: dict[str, Method], model: MiniCPMV) -> dict:
         outputs = {"vision_encoder": ("features", [1, q, h]), "video_encoder": ("features", [1, q, h]),
                    "audio_encoder": ("tokens", [model.config.audio_chunk_frames // model.config.audio_pool_step, h])
                    if hasattr(model, "apm") else None,
-                   "token_embedding": ("embeddings", [1, "ids", h]),
                    "text_decoder": ("logits", [1, v]), "prefill": ("logits", [1, v])}
         label, shape = outputs[name]
         specs[name] = {"inputs": tensors, "outputs": [{"name": label, "shape": shape, "dtype": "float32"}]}
@@ -598,21 +437,6 @@ def _print_summary(args: argparse.Namespace, ckpt: Checkpoint, artifacts: dict, 
     for note in quant.notes:
         print(f"note: {note}")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-
-
-class _quiet:
-    """Silence the exporters' progress chatter (our own progress bar says what is happening)."""
-
-    def __enter__(self):
-        names = ("torch.export", "torch._dynamo", "torch._export", "executorch", "coremltools", "torchao", "root")
-        self.loggers = [logging.getLogger(n) for n in names]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self.loggers, self.levels, strict=True):
-            lg.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,55 @@
-"""`python -m export.executorch` for the hybrid models (MiniCPM-V 4.6 / 4.7): one program, the LLM step's per-layer
-state in mutable buffers shared by its methods.
+"""`python -m export.executorch` for the hybrid models (MiniCPM-V 4.6 / 4.7): one program with the one-slice vision
+step and the LLM step, whose per-layer state lives in mutable buffers shared by its methods.
 
 `export.executorch` dispatches here when the checkpoint's config.json names a hybrid model_type. `model.pte` holds:
+- `vision_encoder`: `minicpm.hybrid_vision.HybridVisionStep`, one image slice per call at a fixed patch row of P =
+  `--max-patches` patches (default: the checkpoint's processor bound, as the ONNX export): pixel_values
+  [1,3,p,P*p], position_ids [P], patch_order [P], patch_mask [P] -> features [P/m, H]. `steps.vision` is the ONNX
+  export's layout data (export.onnx_hybrid.vision_facts) plus the method name.
 - `prefill` at T = --prefill-chunk and `text_decoder` at T = 1: `StatefulHybridStep` (export/stateful_hybrid.py),
   inputs inputs_embeds [1,T,H], position_ids [3,T] (M-RoPE rows), attention_mask [1,1,T,C+T], last_index [1],
   valid_tokens [1] -> logits [1,V]. Two static methods rather than one `text_decoder` over T = 1..chunk: the
   step's delta rule picks its sub-chunk size from T (min(16, T)) and loops over the sub-chunks in Python, so
-  torch.export specialises T; a symbolic T needs the ONNX exporter's `scan` formulation (export/onnx_hybrid.py),
-  which ExecuTorch 1.5.1's emitter has a lowering for but which is not measured here yet (a follow-up). Shorter
-  calls (a last prefill chunk, a smaller --prefill-chunk at run time) are padded to T = chunk by the backend;
-  `valid_tokens` keeps the pad rows out of the state. With --prefill-chunk 1 only `text_decoder` is written.
+  torch.export specialises T. Shorter calls (a last prefill chunk, a smaller chunk at run time) are padded to
+  T = chunk by the backend; `valid_tokens` keeps the pad rows out of the state. With --prefill-chunk 1 only
+  `text_decoder` is written.
 - the state as mutable buffers under the `StateSpec` names: `past_keys` / `past_values` [L_full, kv_heads, C + S,
-  head_dim] (S = prefill-chunk slack slots), `conv_state`, `recurrent_state` (float32), written in place
-  (`index_copy_` on a layer of the KV buffers, `copy_` of the whole conv / recurrent state). Programs are written
+  head_dim] (S = prefill-chunk slack slots), `conv_state`, `recurrent_state` (float32), written in place after the
+  step (one `index_copy_` of each whole KV buffer, `copy_` of the conv / recurrent state). Programs are written
   with `MemoryPlanningPass(share_mutable_buffers=True)` (export.executorch.lower): both methods read and write
   the same memory, so a conversation runs prefill and decode calls on one state; `emit_mutable_buffer_names` lets
   the backend zero the buffers by name (reset).
 - `token_embedding(input_ids [1,T]) -> [1,T,H]` (the host reads `token_embedding.bin`, as for every format) and
   the runner's constant methods (`get_max_seq_len` = the prefill chunk, `get_max_context_len`, `get_bos_id`,
   `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape` = false).
-Parity: the program through executorch.runtime against the unmodified torch step with a host-held `StateCache`,
-over the calls the session makes (export.stateful_hybrid.schedule_calls), the buffers zeroed between the two
-conversations. Float32 on XNNPACK only: `--quant` other than none, and `--backend coreml`, are refused in one line.
-Text only, as the ONNX hybrid export, until a vision step lands.
 
-Not shipped yet: the program's keys part from the torch step (logits 4.9e-2 off; values, conv and recurrent state
-agree), so the export is refused in one line unless MINICPM_EXPERIMENTAL_ET_HYBRID=1 (then its parity check refuses
-the program). Next step: the rotary gather / partial rotary of the full-attention keys under XNNPACK.
+Lowering: every op XNNPACK takes is delegated, after two edge passes that remove what cut the graph into many
+small subgraphs (XNNPACK preprocesses each one through ~17 graph passes: the export time grows with their count).
+`drop_noop_expands`: torch.export spells each batched matmul as expand + view + bmm + view, and the expands to the
+shape they already have are not XNNPACK ops. `mean_as_pooling`: the RMSNorms' mean over the last axis is not an
+XNNPACK op, the same mean as a global average pool of a [1, rows, n, 1] view is. The tiny 4.6's T = 128 step lowered
+as 97 subgraphs before, 18 after (the rest sit at index, cumsum, where and select ops of the delta rule and the
+mask).
+
+Parity: every method through executorch.runtime against its torch module: the step methods over the calls the
+session makes (export.stateful_hybrid.schedule_calls, against the unmodified torch step with a host-held
+`StateCache`, the buffers zeroed between the two conversations), the vision method on every slice of a sliced test
+photo, the embedding on edge ids. XNNPACK only (`--backend coreml` is refused in one line).
+
+Weights (`--quant int4-awq|int4-rtn`, none by default as for the older models, or a quantised directory from `python
+-m quant.awq --symmetric`): the Qwen3.5 layers' symmetric int4 records (quant/layout.py; the delta-net gate
+projections stay float) and, with `--lm-head int8`, the head's int8 record, installed exactly as export.executorch
+writes the older models' (`prepare_model` + `install_records`: torchao weights holding the records' codes, scales
+rounded to bfloat16 as XNNPACK stores them) and run as 8da4w (int8 dynamic per-token activations). Vision and the
+embedding stay float32. The step methods' parity reference is then the torch step with those same torchao weights
+(eager 8da4w); its activation codes are computed in another order than XNNPACK's, so a rounding tie flips a code and
+the logits move by up to `QUANT_TOLERANCE` (the older models' 8da4w bound) instead of 1e-4.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import time
 from pathlib import Path
 
@@ -42,20 +59,32 @@ from tqdm import tqdm
 
 from export.bundle import (
     build_hybrid_manifest,
+    check_export_arguments,
     copy_model_files,
     file_entry,
     max_abs_error,
     staged_directory,
     write_embedding_table,
 )
-from export.onnx_hybrid import HYBRID_FILES, check_hybrid_arguments
+from export.onnx_hybrid import (
+    HYBRID_FILES,
+    VISION_IO,
+    check_hybrid_arguments,
+    default_max_patches,
+    vision_examples,
+    vision_facts,
+)
 from export.stateful_hybrid import STEP_INPUTS, StatefulHybridStep, example_inputs, schedule_calls, state_description
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep
+from minicpm.hybrid_vision import HybridVisionStep
 from minicpm.v4_6 import HybridCheckpoint
 from runtime.manifest import write_manifest
 
 PROGRAM = "model.pte"
+VISION_METHOD = "vision_encoder"
+FLOAT_TOLERANCE = 1e-4  # max |error| of a float32 method against its torch module
+QUANT_TOLERANCE = 0.5  # of an 8da4w step method against its eager torchao step (tests/test_executorch.py's bound)
 
 
 class TokenEmbedding(nn.Module):
@@ -68,20 +97,70 @@ class TokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)
 
-EXPERIMENTAL = "MINICPM_EXPERIMENTAL_ET_HYBRID"  # runs the unfinished export (its parity check still refuses)
-
 
 def decoder_methods(chunk: int) -> dict[str, int]:
     """Method name -> tokens per call."""
     return {"prefill": chunk, "text_decoder": 1} if chunk > 1 else {"text_decoder": 1}
 
 
-def build_methods(model, wrapper: StatefulHybridStep, chunk: int, max_context: int) -> dict:
-    """export.executorch `Method`s: the embedding (dynamic length) and the decoder methods (static T)."""
+def drop_noop_expands(graph_module: torch.fx.GraphModule):
+    """Edge pass: remove `expand_copy` nodes whose output has their input's shape (identities that split the XNNPACK
+    partition, see the module docstring)."""
+    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
+    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
+
+    dropped = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target == exir_ops.edge.aten.expand_copy.default:
+            source = node.args[0]
+            if tuple(source.meta["val"].shape) == tuple(node.meta["val"].shape):
+                node.replace_all_uses_with(source)
+                graph_module.graph.erase_node(node)
+                dropped += 1
+    graph_module.recompile()
+    return PassResult(graph_module, dropped > 0)
+
+
+def mean_as_pooling(graph_module: torch.fx.GraphModule):
+    """Edge pass: `mean(x, [-1], keepdim=True)` as view [1, rows, n, 1] + mean over the last two axes (a global
+    average pool, which XNNPACK takes) + view back (see the module docstring)."""
+    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
+    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
+
+    view, mean = exir_ops.edge.aten.view_copy.default, exir_ops.edge.aten.mean.dim
+    changed = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != mean:
+            continue
+        source, axes = node.args[0], list(node.args[1])
+        shape = list(source.meta["val"].shape)
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if axes not in ([-1], [len(shape) - 1]) or not keepdim or node.kwargs.get("dtype") is not None:
+            continue
+        pooled = [1, math.prod(shape[:-1]), shape[-1], 1]
+        with graph_module.graph.inserting_before(node):
+            flat = graph_module.graph.call_function(view, (source, pooled))
+            flat.meta["val"] = view(source.meta["val"], pooled)
+            pool = graph_module.graph.call_function(mean, (flat, [-1, -2], True))
+            pool.meta["val"] = mean(flat.meta["val"], [-1, -2], True)
+            back = graph_module.graph.call_function(view, (pool, list(node.meta["val"].shape)))
+            back.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(back)
+        graph_module.graph.erase_node(node)
+        changed = True
+    graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
+def build_methods(model: nn.Module, wrapper: StatefulHybridStep, vision: HybridVisionStep, vision_example: tuple,
+                  chunk: int, max_context: int) -> dict:
+    """export.executorch `Method`s: the vision step (static), the embedding (dynamic length) and the decoder
+    methods (static T)."""
     from export.executorch import Method  # noqa: PLC0415 (export.executorch dispatches to this module)
 
     ids = torch.export.Dim("ids", min=1, max=max_context)
-    methods = {"token_embedding": Method(TokenEmbedding(model.get_input_embeddings()).eval(),
+    methods = {VISION_METHOD: Method(vision, vision_example),
+               "token_embedding": Method(TokenEmbedding(model.get_input_embeddings()).eval(),
                                          (torch.tensor([[1, 2, 3]]),), ({1: ids},))}
     for name, tokens in decoder_methods(chunk).items():  # one module: the methods share its buffers
         methods[name] = Method(wrapper, example_inputs(wrapper.step, tokens, torch.float32))
@@ -89,46 +168,72 @@ def build_methods(model, wrapper: StatefulHybridStep, chunk: int, max_context: i
 
 
 @torch.no_grad()
-def parity(path: Path, methods: dict, reference: HybridLanguageModelStep, chunk: int) -> dict[str, float]:
-    """Max |error| of each method against its torch module: the decoder methods over the session's schedule (see
-    the module docstring), the embedding on edge ids."""
-    from export.executorch import load_program  # noqa: PLC0415
-    from runtime.backends import _tensor  # noqa: PLC0415
+def parity(path: Path, methods: dict, reference: HybridLanguageModelStep, chunk: int, vision_inputs: list[tuple]
+           ) -> dict[str, float]:
+    """Max |error| of each method against its torch module (see the module docstring)."""
+    from export.executorch_parity import load_program  # noqa: PLC0415
+    from runtime.backends.call_shapes import strided_tensor  # noqa: PLC0415
 
     program = load_program(path)
-    loaded = {name: program.load_method(name) for name in decoder_methods(chunk)}
-    by_tokens = {tokens: loaded[name] for name, tokens in decoder_methods(chunk).items()}
+    names = decoder_methods(chunk)
+    loaded = {name: program.load_method(name) for name in names}
+    by_tokens = {tokens: name for name, tokens in names.items()}
     buffers = [loaded["text_decoder"]._method.get_attribute(n) for n in reference.spec.names]
     errors = dict.fromkeys(loaded, 0.0)
-    names = {tokens: name for name, tokens in decoder_methods(chunk).items()}
     for conversation in schedule_calls(reference, chunk, torch.float32):
         for buffer in buffers:  # a fresh conversation: the shared buffers zeroed through one method
             buffer.zero_()
         for tokens, inputs, expected in conversation:
-            got = by_tokens[tokens].execute([_tensor(inputs[n].numpy()) for n in STEP_INPUTS])[0]
-            errors[names[tokens]] = max(errors[names[tokens]], max_abs_error(got, expected))
+            name = by_tokens[tokens]
+            got = loaded[name].execute([strided_tensor(inputs[n].numpy()) for n in STEP_INPUTS])[0]
+            errors[name] = max(errors[name], max_abs_error(got, expected))
+    vision, step = program.load_method(VISION_METHOD), methods[VISION_METHOD].module
+    errors[VISION_METHOD] = max(max_abs_error(vision.execute(list(args))[0], step(*args)) for args in vision_inputs)
     embedding = methods["token_embedding"].module
     ids = torch.tensor([[0, 5, 1, embedding.embedding.num_embeddings - 1]])
     errors["token_embedding"] = max_abs_error(program.load_method("token_embedding").execute([ids])[0], embedding(ids))
     return errors
 
 
-def export_hybrid(args: argparse.Namespace) -> int:
-    """The whole ExecuTorch export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.executorch)."""
-    from export.executorch import delegation, export_methods, lower, metadata_methods  # noqa: PLC0415
+def method_specs(methods: dict, reference: HybridLanguageModelStep, chunk: int, delegated: dict) -> dict:
+    """The manifest's `artifacts.program.methods`: each method's inputs, outputs and delegation."""
+    def tensors(names: list[str], example: tuple) -> list[dict]:
+        return [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+                for n, x in zip(names, example, strict=True)]
 
-    check_hybrid_arguments(args)
-    if os.environ.get(EXPERIMENTAL) != "1":  # known to part from the torch step (4.9e-2): not shipped yet
-        raise UserError("ExecuTorch exports of MiniCPM-V 4.6 / 4.7 are not available yet (the program's keys part from "
-                        f"the torch step); use export.onnx or export.coreai (developers: {EXPERIMENTAL}=1)")
+    vocab, hidden = reference.config.vocab_size, reference.config.hidden_size
+    specs = {name: {"inputs": tensors(STEP_INPUTS, methods[name].example),
+                    "outputs": [{"name": "logits", "shape": [1, vocab], "dtype": "float32"}]}
+             for name in decoder_methods(chunk)}
+    vision = methods[VISION_METHOD]
+    with torch.no_grad():
+        features = vision.module(*vision.example)
+    specs[VISION_METHOD] = {"inputs": tensors(VISION_IO[0], vision.example),
+                            "outputs": tensors(VISION_IO[1], (features,))}
+    specs["token_embedding"] = {"inputs": [{"name": "input_ids", "shape": [1, "ids"], "dtype": "int64"}],
+                                "outputs": [{"name": "embeddings", "shape": [1, "ids", hidden], "dtype": "float32"}]}
+    return {name: {**spec, "delegation": delegated[name]} for name, spec in specs.items()}
+
+
+def export_hybrid(args: argparse.Namespace) -> int:
+    """The whole ExecuTorch export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.executorch, not yet
+    checked: --max-patches defaults to the checkpoint's processor bound here)."""
+    from export.executorch import export_methods, metadata_methods, prepare_model  # noqa: PLC0415
+    from export.executorch_lowering import delegation, lower  # noqa: PLC0415
+
+    check_hybrid_arguments(args, int4=True)
     if args.backend != "xnnpack":
         raise UserError(f"--backend {args.backend}: MiniCPM-V 4.6 / 4.7 ExecuTorch exports are XNNPACK only for now")
     ckpt = HybridCheckpoint.open(args.model)
-    if (ckpt.path / "quant_config.json").is_file():
-        raise UserError(f"{ckpt.path}: quantised MiniCPM-V 4.6 / 4.7 checkpoints are not yet supported by the "
-                        "ExecuTorch exporter")
-    model, _ = ckpt.load_model("float32")
+    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
+        args.max_patches = default_max_patches(ckpt)
+    check_export_arguments(args)
+    # the older models' path: symmetric records (a directory's own, or quantised now, AWQ showing its own progress)
+    # installed as torchao 8da4w weights; asymmetric directories are refused in one line
+    model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
+                                        args.calib)
     model.requires_grad_(False)  # in-place buffer writes next to parameters: lowering refuses leaves needing grad
+    tolerances = {name: QUANT_TOLERANCE if facts else FLOAT_TOLERANCE for name in decoder_methods(args.prefill_chunk)}
     chunk, seconds = args.prefill_chunk, {}
     bar = tqdm(total=4, desc="export.executorch", unit="step")
     with staged_directory(args.out) as out:
@@ -136,15 +241,18 @@ def export_hybrid(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         reference = HybridLanguageModelStep(model, args.max_context, max_chunk=chunk).eval()
         wrapper = StatefulHybridStep(reference, slack=chunk).eval()
-        methods = build_methods(model, wrapper, chunk, args.max_context)
-        programs = export_methods(methods)
+        mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
+        vision = HybridVisionStep(model, downsample_mode=mode).eval()
+        vision_inputs = vision_examples(vision, ckpt, args.max_patches, torch.float32)
+        methods = build_methods(model, wrapper, vision, vision_inputs[0], chunk, args.max_context)
+        programs = export_methods(methods, undecomposed=tuple(decoder_methods(chunk)))  # no GELU in the step
         wrapper.reset()  # tracing ran the module
         seconds["export"] = time.perf_counter() - t
         bar.update()
         bar.set_postfix_str("lowering to xnnpack")
         t = time.perf_counter()
         metadata = metadata_methods(ckpt, args.max_context, chunk, dynamic=False)
-        program, edge = lower(programs, "xnnpack", metadata, torch.float32)
+        program, edge = lower(programs, "xnnpack", metadata, torch.float32, (drop_noop_expands, mean_as_pooling))
         delegated = delegation(edge, "XnnpackBackend")
         path = out / PROGRAM
         path.write_bytes(program.buffer)
@@ -152,48 +260,52 @@ def export_hybrid(args: argparse.Namespace) -> int:
         bar.update()
         bar.set_postfix_str("parity")
         t = time.perf_counter()
-        errors = parity(path, methods, reference, chunk)
-        worst = max(errors[name] for name in decoder_methods(chunk))
-        if worst > 1e-4:  # work in progress: refuse rather than write a program that answers differently
-            raise UserError(f"the ExecuTorch program departs from the torch step by {worst:.1e} (> 1e-4): the "
-                            "hybrid ExecuTorch export is not finished (the keys written to past_keys differ)")
+        errors = parity(path, methods, reference, chunk, vision_inputs)
+        over = {name: error for name, error in errors.items() if error > tolerances.get(name, FLOAT_TOLERANCE)}
+        if over:  # never write a program that answers differently from its torch modules
+            raise UserError("the ExecuTorch program departs from its torch modules: " + ", ".join(
+                f"{name} {error:.1e} (> {tolerances.get(name, FLOAT_TOLERANCE):.0e})" for name, error in over.items()))
         seconds["parity"] = time.perf_counter() - t
         bar.update()
         bar.set_postfix_str("embedding table, tokenizer, manifest")
-        specs = {name: {"inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-                                   for n, x in zip(STEP_INPUTS, methods[name].example, strict=True)],
-                        "outputs": [{"name": "logits", "shape": [1, reference.config.vocab_size], "dtype": "float32"}],
-                        "delegation": delegated[name]} for name in decoder_methods(chunk)}
-        hidden = reference.config.hidden_size
-        specs["token_embedding"] = {"inputs": [{"name": "input_ids", "shape": [1, "ids"], "dtype": "int64"}],
-                                    "outputs": [{"name": "embeddings", "shape": [1, "ids", hidden],
-                                                 "dtype": "float32"}],
-                                    "delegation": delegated["token_embedding"]}
         artifacts = {"program": {**file_entry(out, PROGRAM), "format": "pte", "backend": "XnnpackBackend",
-                                 "methods": specs, "constant_methods": metadata},
+                                 "methods": method_specs(methods, reference, chunk, delegated),
+                                 "constant_methods": metadata},
                      "token_embedding": write_embedding_table(None, out, torch.float32,
                                                               model.get_input_embeddings().weight)}
         files = copy_model_files(ckpt, out, HYBRID_FILES)
         prefill = "prefill" if chunk > 1 else "text_decoder"
-        steps = {"embedding": {"artifact": "program", "function": "token_embedding"},
+        steps = {"vision": {**vision_facts(vision, mode, args.max_patches), "artifact": "program",
+                            "function": VISION_METHOD},
+                 "embedding": {"artifact": "program", "function": "token_embedding"},
                  "prefill": {"artifact": "program", "function": prefill, "tokens": chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_hybrid_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32", errors,
-                                         wrapper.spec, steps)
+                                         wrapper.spec, steps, quant.manifest(**facts))
         manifest["schedule"]["executorch"] = {
             "state": state_description(wrapper, "the program's mutable buffers zeroed in place by name"),
             "buffers": "program mutable buffers shared by the decoder methods (share_mutable_buffers)",
+            "inputs": "a call of fewer tokens than a method's T is padded to it (valid_tokens = the real rows); "
+                      f"{VISION_METHOD} takes one slice per call",
         }
         write_manifest(out, manifest)
         bar.update()
     bar.close()
-    print(f"\nExecuTorch export (xnnpack, fp32) of {ckpt.variant.name} -> {args.out}")
-    print(f"{'method':<18}{'max |err|':>11}{'subgraphs':>11}{'delegated':>11}{'portable':>10}")
+    scheme = facts.get("scheme", "fp32")
+    print(f"\nExecuTorch export (xnnpack, {scheme}) of {ckpt.variant.name} -> {args.out}")
+    print(f"{'method':<18}{'max |err|':>11}{'subgraphs':>11}{'delegated':>11}{'portable':>10}"
+          f"{'linear ops delegated':>22}")
     for name, d in delegated.items():
-        print(f"{name:<18}{errors[name]:>11.2e}{d['subgraphs']:>11}{d['delegated_nodes']:>11}{d['portable_nodes']:>10}")
+        print(f"{name:<18}{errors[name]:>11.2e}{d['subgraphs']:>11}{d['delegated_nodes']:>11}{d['portable_nodes']:>10}"
+              f"{d['linear_delegated']:>17}/{d['linear_ops']:<4}")
     sizes = {name: entry["size"] for name, entry in artifacts.items()}
     print(f"{PROGRAM} {sizes['program']} bytes; token_embedding.bin {sizes['token_embedding']} bytes")
-    print("float weights (--quant none: int4 for the hybrid models is not yet supported)")
-    print("note: text-only export: the vision step of MiniCPM-V 4.6 / 4.7 is not exported yet")
+    print(quant.describe() + (f" as {scheme}, {quant.int8_layers} int8, group scales {facts['scale_dtype']} "
+                              f"(largest relative rounding {facts['max_scale_rounding']:.1e}); vision float32"
+                              if facts else ""))
+    for note in quant.notes:
+        print(f"note: {note}")
+    print(f"vision: one slice per call, {args.max_patches} patches ({steps['vision']['rows']} feature rows, "
+          f"{mode} mode)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return 0

@@ -22,6 +22,13 @@ from minicpm.modeling import MiniCPMV
 from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
 from runtime.session import NEG_INF
 
+# The program's methods, in summary order, and the inputs of each (names as in the manifest)
+METHODS = ["vision_encoder", "video_encoder", "audio_encoder", "token_embedding", "text_decoder", "prefill"]
+VISION_INPUTS = ["pixel_values", "position_ids", "patch_mask", "pos_embed"]
+AUDIO_INPUTS = ["mel", "conv_mask", "position_ids", "attention_mask"]  # AudioChunkStep's, minus the past K/V
+DECODER_INPUTS = ["inputs_embeds", "position_ids", "attention_mask", "last_index"]
+PARITY_KEYS = {"audio_encoder": "audio"}  # manifest parity key of a method, where it is not the method's name
+
 
 class StatefulDecoder(nn.Module):
     """`text_decoder`: `LanguageModelStep` with its KV cache in mutable buffers (layout in the module docstring).

@@ -165,11 +165,19 @@ def install(model: nn.Module, records: dict[str, QuantRecord], dtype: torch.dtyp
         if not same_scale or not torch.equal(linear.weight.detach(), record.dequantize().to(linear.weight.dtype)):
             raise UserError(f"quantisation record {name} does not match the model's layer (install the records "
                             "into the model first, as quant.checkpoint.load_quantized does)")
-        if block_size_for(record.group_size) is None:
-            raise UserError(f"quantisation record {name}: group size {record.group_size} is not a multiple of 16, "
-                            "which onnxruntime's MatMulNBits needs" + (" (--lm-head keep)" if record.bits == 8 else ""))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, MatMulNBitsLinear(linear, record, dtype, accuracy_level))
+        replace(model, name, record, dtype, accuracy_level)
+
+
+def replace(model: nn.Module, name: str, record: QuantRecord, dtype: torch.dtype, accuracy_level: int) -> None:
+    """Put a MatMulNBitsLinear of `record` in place of the Linear `name` (its bias, if any, must be loaded)."""
+    from minicpm.errors import UserError  # noqa: PLC0415
+
+    if block_size_for(record.group_size) is None:
+        raise UserError(f"quantisation record {name}: group size {record.group_size} is not a multiple of 16, "
+                        "which onnxruntime's MatMulNBits needs" + (" (--lm-head keep)" if record.bits == 8 else ""))
+    parent, _, child = name.rpartition(".")
+    linear = model.get_submodule(name)
+    setattr(model.get_submodule(parent), child, MatMulNBitsLinear(linear, record, dtype, accuracy_level))
 
 
 def initializer_names(step: nn.Module, model: nn.Module, records: dict[str, QuantRecord]) -> dict[str, str]:

@@ -11,6 +11,11 @@ Two graphs, shared by every phase of the schedule:
   clip's earlier chunks -> its audio tokens + the chunk's K/V (fixed shapes; the host keeps the cache).
 The token embedding table is a raw file the host indexes. Opset 18, IR 10 (onnxruntime 1.31 reads <= 13).
 
+Memory: `--quant int4-rtn` and `none` read the checkpoint one part at a time (export/onnx_weights.py): the vision
+weights while the vision graph is exported, then each LLM Linear quantised alone into its MatMulNBits tensors, so
+the peak is one part plus its onnxruntime session (full-size V-4.0, int4 + int8 head: 7.5 GiB RSS for a 7.06 GiB
+bf16 checkpoint, was 20.4). AWQ and quantised directories load the whole float32 model. Bytes are the same either way.
+
 int4 (`--quant int4-awq|int4-rtn`, or a quantised checkpoint directory from `python -m quant.awq` as --model):
 every quantised Linear of the LLM is one `com.microsoft.MatMulNBits` node holding the records' codes, scales
 and zero points bit for bit (see export/matmul_nbits.py), initializers named after the layer
@@ -51,7 +56,8 @@ from export.bundle import (
     video_example,
     write_embedding_table,
 )
-from export.quantization import QUANT_METHODS, add_quantize_audio_argument, audio_records, llm_records, quantized_model
+from export.onnx_weights import AUDIO, LLM, VISION, MemoryStatus, open_weights
+from export.quantization import QUANT_METHODS, add_quantize_audio_argument, audio_records
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.split import AudioChunkStep, LanguageModelStep, VideoGroupStep, VisionStep
@@ -246,47 +252,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.symmetric and args.quant == "none":
         raise UserError("--symmetric applies to int4 quantisation, not --quant none")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    # Loading and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
-    # on stderr (AWQ shows its own progress).
+    # Opening and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
+    # on stderr (AWQ shows its own progress). RTN and float exports read each part when its graph is exported.
     ckpt = Checkpoint.open(args.model)
-    model, records, quant = quantized_model(ckpt, args.quant, args.group_size, args.symmetric or None, args.lm_head,
-                                            args.samples, args.calib, quantize_audio=args.quantize_audio or None)
-    model.to(dtype)
-    matmul_nbits.install(model, llm_records(records), dtype, args.accuracy_level)
-    matmul_nbits.install(model, audio_records(records), dtype, AUDIO_ACCURACY_LEVEL)
+    weights = open_weights(ckpt, args, dtype, AUDIO_ACCURACY_LEVEL)
+    model, records, quant = weights.model, weights.records, weights.quant
     steps = tqdm(total=4, desc="export.onnx", unit="step")
     rows, parity, artifacts = [], {}, {}
-    with staged_directory(args.out) as out:
+    with MemoryStatus(steps) as status, staged_directory(args.out) as out:
         t = time.perf_counter()
-        steps.set_postfix_str("vision graph")
-        artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype)
-        rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"], time.perf_counter() - t))
-        if model.resampler.temporal:  # MiniCPM-V 4.5: frame groups through the 3D resampler
-            t = time.perf_counter()
-            artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype)
-            rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"], time.perf_counter() - t))
+        status("vision graph")
+        with weights.part(VISION):
+            artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype)
+            rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"],
+                         time.perf_counter() - t))
+            if model.resampler.temporal:  # MiniCPM-V 4.5: frame groups through the 3D resampler
+                t = time.perf_counter()
+                status("video graph")
+                artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype)
+                rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"],
+                             time.perf_counter() - t))
         if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
             t = time.perf_counter()
-            artifacts["audio"], parity["audio"] = export_audio(model, out, dtype, audio_records(records))
+            status("audio graph")
+            with weights.part(AUDIO):
+                artifacts["audio"], parity["audio"] = export_audio(model, out, dtype, audio_records(records))
             rows.append(("audio.onnx (+ .data)", _size(out, "audio.onnx"), parity["audio"], time.perf_counter() - t))
         steps.update()
         t = time.perf_counter()
-        steps.set_postfix_str("llm graph")
+        status("llm graph")
         try:
-            artifacts["llm"], parity["llm"] = export_llm(model, out, args.max_context, args.prefill_chunk, dtype,
-                                                         records)
+            with weights.part(LLM):
+                artifacts["llm"], parity["llm"] = export_llm(model, out, args.max_context, args.prefill_chunk, dtype,
+                                                             records)
         except ValueError as e:
             raise UserError(str(e)) from None
         rows.append(("llm.onnx (+ .data)", _size(out, "llm.onnx"), parity["llm"], time.perf_counter() - t))
         steps.update()
-        steps.set_postfix_str("embedding table, tokenizer")
+        status("embedding table, tokenizer")
         t = time.perf_counter()
-        artifacts["token_embedding"] = write_embedding_table(model, out, dtype)
+        artifacts["token_embedding"] = write_embedding_table(None, out, dtype, weights.embedding_table())
         rows.append(("token_embedding.bin", artifacts["token_embedding"]["size"], None, time.perf_counter() - t))
         files = copy_model_files(ckpt, out)
         files += [file_entry(out, p.name) for p in sorted(out.glob("*.onnx.data"))]
         steps.update()
-        steps.set_postfix_str("manifest")
+        status("manifest")
         entry = quant.manifest()
         if records:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",

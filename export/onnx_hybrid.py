@@ -28,8 +28,11 @@ mathematics, measured against the unmodified torch step.
   rule), so a runtime builds the inputs without the model config; `schedule.modalities` gains "image". Parity is
   measured on every slice of a sliced test photo against the unmodified torch step.
 
-Quantisation: float only for now (int4 of the gated delta-net projections needs the Qwen3.5 layout in quant/): an
-explicit `--quant int4-*` is refused.
+int4 (`--quant int4-awq|int4-rtn`, or a quantised directory from `python -m quant.awq` as --model): the Qwen3.5
+layers' quantised Linears (quant/layout.py) and, with `--lm-head int8`, the head become `com.microsoft.MatMulNBits`
+nodes holding the records' codes bit for bit, as in export/onnx.py (export/matmul_nbits.py; initializers named after
+the layer, `model.language_model.layers.0.linear_attn.in_proj_qkv.qweight`, ...). The vision graph stays float.
+Parity is measured against the torch step running the same quantised weights.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from export import matmul_nbits
 from export.bundle import (
     MODEL_FILES,
     build_hybrid_manifest,
@@ -55,6 +59,7 @@ from export.bundle import (
     staged_directory,
     write_embedding_table,
 )
+from export.quantization import quantized_model
 from minicpm.cache import StateCache, StateSpec
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep, carry_chunk, chunk_terms
@@ -139,9 +144,11 @@ def parity_examples(step: HybridLanguageModelStep, chunk: int, dtype: torch.dtyp
     return out
 
 
-def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype) -> tuple[dict, float, StateSpec]:
+def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtype,
+               records: dict | None = None) -> tuple[dict, float, StateSpec]:
     """Trace the hybrid step with a dynamic token count; measure onnxruntime against the torch step (its own
-    delta rule) at T = chunk, a padded last chunk and T = 1."""
+    delta rule) at T = chunk, a padded last chunk and T = 1. `records`: the quantised layers already installed as
+    MatMulNBitsLinear (their initializers get the records' names)."""
     from export.onnx import _artifact, _export, _ort_run  # noqa: PLC0415 (export.onnx dispatches to this module)
 
     reference = HybridLanguageModelStep(model, max_context, max_chunk=chunk).eval()
@@ -155,7 +162,7 @@ def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtyp
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
     dynamic = ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None, None) + (None,) * len(spec.names)
     path = out / "llm.onnx"
-    _export(step, trace, path, names, dynamic)
+    _export(step, trace, path, names, dynamic, matmul_nbits.initializer_names(step, model, records or {}))
     error = 0.0
     for args in examples:
         with torch.no_grad():
@@ -181,6 +188,39 @@ def default_max_patches(ckpt: HybridCheckpoint) -> int:
     return max_patches_bound(ip.scale_resolution, ip.patch_size, ip.downsample_mode)
 
 
+def vision_examples(step: HybridVisionStep, ckpt: HybridCheckpoint, max_patches: int, dtype: torch.dtype
+                    ) -> list[tuple[torch.Tensor, ...]]:
+    """The step's inputs (in `VISION_IO` order) for every slice of the sliced test photo, each padded to the row:
+    what every format's vision parity is measured on."""
+    layout = step.layout
+    if max_patches % layout.patches_per_token:
+        raise UserError(f"--max-patches {max_patches} must be a multiple of {layout.patches_per_token} (the patches "
+                        f"one token merges in {ckpt.processor.image_processor.downsample_mode} mode)")
+    processed = ckpt.processor.image_processor([test_photo()], return_tensors="pt")
+    examples = []
+    for one in split_slices(processed):
+        inputs = step.vision_inputs(one, max_patches)  # float32 / int64 numpy, as the runtime builds them
+        examples.append(tuple(torch.from_numpy(inputs[n]).to(dtype) if inputs[n].dtype == np.float32
+                              else torch.from_numpy(inputs[n]) for n in VISION_IO[0]))
+    return examples
+
+
+def vision_facts(step: HybridVisionStep, mode: str, max_patches: int) -> dict:
+    """`steps.vision` of the manifest: the one-slice step's layout as data (every format's, with its artifact)."""
+    layout = step.layout
+    return {
+        "artifact": "vision", "slices_per_call": 1, "max_patches": max_patches,
+        "inputs": VISION_IO[0], "output": VISION_IO[1][0], "downsample_mode": mode,
+        "patch_size": layout.patch_size, "num_patches_per_side": layout.num_patches_per_side,
+        "window": layout.window, "merge": list(layout.merge), "merger_times": layout.merger_times,
+        "block": list(layout.block), "rows": max_patches // layout.patches_per_token,
+        "valid_rows": f"the first (h / {layout.block[0]}) * (w / {layout.block[1]}) rows of a slice of h x w "
+                      "patches are its tokens in the model's order (keep them); the rest are zeros",
+        "host": "minicpm.hybrid_vision.vision_inputs: the processor's patch row zero-padded to max_patches, NaViT "
+                "position ids, the nested block order (window, then merge blocks) and the patch mask",
+    }
+
+
 def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dtype: torch.dtype
                   ) -> tuple[dict, float, dict]:
     """Trace the one-slice vision step at a fixed patch row; measure onnxruntime against the torch step on every
@@ -191,16 +231,7 @@ def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dt
 
     mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
     step = HybridVisionStep(model, downsample_mode=mode).eval()
-    layout = step.layout
-    if max_patches % layout.patches_per_token:
-        raise UserError(f"--max-patches {max_patches} must be a multiple of {layout.patches_per_token} (the patches "
-                        f"one token merges in {mode} mode)")
-    processed = ckpt.processor.image_processor([test_photo()], return_tensors="pt")
-    examples = []
-    for one in split_slices(processed):
-        inputs = step.vision_inputs(one, max_patches)  # float32 / int64 numpy, as the runtime builds them
-        examples.append(tuple(torch.from_numpy(inputs[n]).to(dtype) if inputs[n].dtype == np.float32
-                              else torch.from_numpy(inputs[n]) for n in VISION_IO[0]))
+    examples = vision_examples(step, ckpt, max_patches, dtype)
     path = out / "vision.onnx"
     _export(step, examples[0], path, VISION_IO, None)  # every shape static: one slice, P patches
     options = ort.SessionOptions()
@@ -212,45 +243,41 @@ def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dt
             expected = step(*args).float().numpy()
         got = session.run(None, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
         error = max(error, max_abs_error(got, expected))
-    facts = {
-        "artifact": "vision", "slices_per_call": 1, "max_patches": max_patches,
-        "inputs": VISION_IO[0], "output": VISION_IO[1][0], "downsample_mode": mode,
-        "patch_size": layout.patch_size, "num_patches_per_side": layout.num_patches_per_side,
-        "window": layout.window, "merge": list(layout.merge), "merger_times": layout.merger_times,
-        "block": list(layout.block), "rows": max_patches // layout.patches_per_token,
-        "valid_rows": f"the first (h / {layout.block[0]}) * (w / {layout.block[1]}) rows of a slice of h x w "
-                      "patches are its tokens in the model's order (keep them); the rest are zeros",
-        "host": "minicpm.hybrid_vision.vision_inputs: the processor's patch row zero-padded to max_patches, NaViT "
-                "position ids, the nested block order (window, then merge blocks) and the patch mask",
-    }
-    return _artifact(out, path), error, facts
+    return _artifact(out, path), error, vision_facts(step, mode, max_patches)
 
 
-def check_hybrid_arguments(args: argparse.Namespace) -> None:
-    """What a hybrid export cannot do yet, refused in one line before anything is loaded."""
-    if args.quant not in (None, "none"):
-        raise UserError(f"--quant {args.quant}: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported (the gated "
-                        "delta-net layout is not in quant/); export with --quant none")
+def check_hybrid_arguments(args: argparse.Namespace, int4: bool = False) -> None:
+    """What a hybrid export cannot do, refused in one line before anything is loaded. `int4`: the format writes the
+    int4 records (ONNX; the rest of --quant's options are then checked by export.quantization.quantized_model)."""
+    quant = getattr(args, "quant", None)
+    if not int4 and quant not in (None, "none"):
+        raise UserError(f"--quant {quant}: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported by this format (ONNX "
+                        "has it); export with --quant none")
     if getattr(args, "quantize_audio", False):
         raise UserError("--quantize-audio applies to MiniCPM-o exports (MiniCPM-V 4.6 / 4.7 have no audio encoder)")
-    if getattr(args, "lm_head", None) not in (None, "keep"):
-        raise UserError("--lm-head int8 needs int4 quantisation, which MiniCPM-V 4.6 / 4.7 exports do not have yet")
+    if getattr(args, "lm_head", None) not in (None, "keep") and (not int4 or quant == "none"):
+        raise UserError("--lm-head int8 applies to int4 quantisation" + (", not --quant none" if int4 else
+                                                                          " (ONNX has it for MiniCPM-V 4.6 / 4.7)"))
+    if int4 and getattr(args, "symmetric", False) and quant == "none":
+        raise UserError("--symmetric applies to int4 quantisation, not --quant none")
+    if int4 and args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
 
 
 def export_hybrid(args: argparse.Namespace) -> int:
     """The whole export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.onnx, not yet checked:
     --max-patches defaults to the checkpoint's processor bound here)."""
-    check_hybrid_arguments(args)
+    check_hybrid_arguments(args, int4=True)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     ckpt = HybridCheckpoint.open(args.model)
     if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
         args.max_patches = default_max_patches(ckpt)
     check_export_arguments(args)
-    if (ckpt.path / "quant_config.json").is_file():
-        raise UserError(f"{ckpt.path}: quantised MiniCPM-V 4.6 / 4.7 checkpoints are not yet supported by the ONNX "
-                        "exporter")
-    model, _ = ckpt.load_model("float32")
+    # Quantising (AWQ shows its own progress) comes before the progress bar, as in export.onnx.
+    model, records, quant = quantized_model(ckpt, args.quant, args.group_size, args.symmetric or None, args.lm_head,
+                                            args.samples, args.calib)
     model.to(dtype)
+    matmul_nbits.install(model, records, dtype, args.accuracy_level)
     steps = tqdm(total=4, desc="export.onnx", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
@@ -261,7 +288,8 @@ def export_hybrid(args: argparse.Namespace) -> int:
         steps.update()
         t = time.perf_counter()
         steps.set_postfix_str("llm graph")
-        artifacts["llm"], parity["llm"], spec = export_llm(model, out, args.max_context, args.prefill_chunk, dtype)
+        artifacts["llm"], parity["llm"], spec = export_llm(model, out, args.max_context, args.prefill_chunk, dtype,
+                                                           records)
         rows.append(("llm.onnx (+ .data)", _size(out, "llm.onnx"), parity["llm"], time.perf_counter() - t))
         steps.update()
         steps.set_postfix_str("embedding table, tokenizer, processor")
@@ -272,16 +300,22 @@ def export_hybrid(args: argparse.Namespace) -> int:
         files += [file_entry(out, p.name) for p in sorted(out.glob("*.onnx.data"))]
         steps.update()
         steps.set_postfix_str("manifest")
+        entry = quant.manifest()
+        if records:
+            entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
+                         accuracy_level=args.accuracy_level)
         manifest = build_hybrid_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                          "float16" if args.dtype == "fp16" else "float32", parity, spec,
                                          {"vision": vision,
                                           "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
-                                          "decode": {"artifact": "llm", "tokens": 1}})
+                                          "decode": {"artifact": "llm", "tokens": 1}}, entry)
         write_manifest(out, manifest)
         steps.update()
     steps.close()
     print_summary(f"ONNX export of {ckpt.variant.name} -> {args.out}", rows)
-    print("float weights (--quant none: int4 for the hybrid models is not yet supported)")
+    print(quant.describe() + (f", MatMulNBits accuracy_level {args.accuracy_level}" if records else ""))
+    for note in quant.notes:
+        print(f"note: {note}")
     print(f"vision: one slice per call, {args.max_patches} patches ({vision['rows']} feature rows, "
           f"{vision['downsample_mode']} mode)")
     return 0

@@ -24,9 +24,11 @@ from torch import nn
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
+from quant.layout import is_hybrid
 
 QUANT_METHODS = ("int4-awq", "int4-rtn", "none")
 LM_HEAD = "llm.lm_head"
+HYBRID_LLM = ("model.language_model.", "lm_head")  # MiniCPM-V 4.6 / 4.7 (transformers' names): the LLM's Linears
 AUDIO_PREFIX = "apm."  # MiniCPM-o's Whisper encoder; its records are written with quantize_audio
 
 
@@ -76,6 +78,24 @@ class Quantization:
         return text + f", lm_head {self.lm_head}, {self.seconds:.1f}s"
 
 
+def check_request(ckpt: Checkpoint, method: str | None, quantize_audio: bool | None, group_size: int | None,
+                  calib: str | None) -> None:
+    """One-line refusals of a quantisation request (`method` None: a quantised directory's own records), shared by
+    `quantized_model` and the streamed exporters."""
+    if quantize_audio and getattr(ckpt.config, "audio", None) is None:
+        variant = getattr(ckpt.config, "variant", None)  # the hybrid models' transformers configs have none
+        name = variant.name if variant is not None else ckpt.path.name
+        raise UserError(f"--quantize-audio: {name} has no audio encoder (MiniCPM-o only)")
+    if method is None:
+        return
+    if quantize_audio and method == "none":
+        raise UserError("--quantize-audio applies to int4 quantisation, not --quant none")
+    if method == "none" and group_size is not None:
+        raise UserError("--group-size applies to int4 quantisation, not --quant none")
+    if calib is not None and method != "int4-awq":
+        raise UserError(f"--calib is used by --quant int4-awq only, not {method}")
+
+
 def quantized_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
                     symmetric: bool | None = None, lm_head: str | None = None, samples: int = 32,
                     calib: str | None = None, seq_len: int = 256, default: str = "none",
@@ -100,10 +120,7 @@ def quantized_model(ckpt: Checkpoint, quant: str | None = None, group_size: int 
     if lm_head not in (None, "keep", "int8"):
         raise UserError(f"lm_head must be 'keep' or 'int8', got {lm_head!r}")
     directory = (ckpt.path / "quant_config.json").is_file()
-    if quantize_audio and ckpt.config.audio is None:
-        raise UserError(f"--quantize-audio: {ckpt.config.variant.name} has no audio encoder (MiniCPM-o only)")
-    if quantize_audio and not directory and (quant or default) == "none":
-        raise UserError("--quantize-audio applies to int4 quantisation, not --quant none")
+    check_request(ckpt, None if directory else quant or default, quantize_audio, group_size, calib)
     info = Quantization()
     start = time.perf_counter()
     if directory:
@@ -114,28 +131,25 @@ def quantized_model(ckpt: Checkpoint, quant: str | None = None, group_size: int 
                             "--quantize-audio, or drop --quantize-audio")
     else:
         method = quant or default
-        if method == "none" and group_size is not None:
-            raise UserError("--group-size applies to int4 quantisation, not --quant none")
-        if calib is not None and method != "int4-awq":
-            raise UserError(f"--calib is used by --quant int4-awq only, not {method}")
         model, records = _quantize_now(ckpt, method, group_size or 128, bool(symmetric), lm_head == "int8", samples,
                                        calib, seq_len, bool(quantize_audio))
         info.method, info.source = method, "this export" if method != "none" else "none"
     model.eval().requires_grad_(False)
     records = written_records(model, records, quantize_audio is not False, info.notes)
+    head = head_name(model)
     if directory:
         _check_directory_records(ckpt, records, group_size, symmetric)
     if lm_head is None:
-        lm_head = "int8" if LM_HEAD in records or (info.method != "none" and default_lm_head == "int8") else "keep"
-    if lm_head == "int8" and LM_HEAD not in records:
-        records[LM_HEAD] = int8_head(model)
-    elif lm_head == "keep" and LM_HEAD in records:
-        records.pop(LM_HEAD)  # the model keeps the int8 record's dequantised values as its float weight
+        lm_head = "int8" if head in records or (info.method != "none" and default_lm_head == "int8") else "keep"
+    if lm_head == "int8" and head not in records:
+        records[head] = int8_head(model)
+    elif lm_head == "keep" and head in records:
+        records.pop(head)  # the model keeps the int8 record's dequantised values as its float weight
         info.notes.append("lm_head stored as float (its int8 record's dequantised values, --lm-head keep)")
     int4 = [r for r in records.values() if r.bits == 4]
     info.int4_layers, info.int8_layers = len(int4), len(records) - len(int4)
     info.audio_layers, info.has_audio = len(audio_records(records)), hasattr(model, "apm")
-    info.lm_head = "int8" if LM_HEAD in records else "keep"
+    info.lm_head = "int8" if head in records else "keep"
     if int4:
         info.group_size = int4[0].group_size
         info.symmetric = all(r.symmetric for r in int4)
@@ -194,7 +208,8 @@ def written_records(model: MiniCPMV, records: dict, quantize_audio: bool, notes:
     Linears of the Whisper audio encoder (`apm.`). The rest (vision with --quantize-vision, int8 embedding tables,
     audio records without quantize_audio) stay as their dequantised float weights, which the model already holds;
     `notes` gets one line saying so."""
-    prefixes = ("llm.", AUDIO_PREFIX) if quantize_audio else ("llm.",)
+    llm = HYBRID_LLM if is_hybrid(model) else ("llm.",)
+    prefixes = (*llm, AUDIO_PREFIX) if quantize_audio else llm
     kept, out = [], {}
     for name, record in records.items():
         module = model.get_submodule(name) if name.startswith(prefixes) else None
@@ -219,13 +234,18 @@ def llm_records(records: dict) -> dict:
     return {n: r for n, r in records.items() if not n.startswith(AUDIO_PREFIX)}
 
 
+def head_name(model: nn.Module) -> str:
+    """The output head's module name: `llm.lm_head`, or `lm_head` on MiniCPM-V 4.6 / 4.7."""
+    return HYBRID_LLM[1] if is_hybrid(model) else LM_HEAD
+
+
 def int8_head(model: MiniCPMV):
     """A per-row symmetric int8 record of lm_head (quant/'s int8 scheme), installed as the head's own Parameter
     so a tied embedding table keeps its float weights."""
     from quant import QuantRecord  # noqa: PLC0415
     from quant.codes import quantize_int8_rows  # noqa: PLC0415
 
-    head = model.llm.lm_head
+    head = model.get_submodule(head_name(model))
     q, scale, zero = quantize_int8_rows(head.weight.detach())
     record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=head.weight.shape[1],
                          bits=8, symmetric=True)

@@ -8,25 +8,29 @@ keep state inside the model: Core AI (states) and ExecuTorch (mutable buffers sh
 inputs_embeds [1,T,H], position_ids [3,T], attention_mask [1,1,T,C+T], last_index [1], valid_tokens [1] -> logits
 [1,V]. The host builds exactly the inputs it builds for the ONNX graph.
 
+The wrapper runs the step's own `forward` on the buffers, then writes the step's state outputs back:
 - KV ("append"): the buffers have S = prefill-chunk slack slots past the C context slots, [L_full, kv_heads, C+S,
-  head_dim]. Each full-attention layer writes its T new rows at slots `start + [0, T)` with `index_copy_` on its
-  layer of the buffer, then attends over the whole buffer. `start` (the number of cached tokens) is read from the
-  mask, not from position_ids: M-RoPE positions are sequence index + a delta (4.7 images make it negative), so
-  they are not slots; the host's mask lets every row see exactly the `start` cached columns among [0, C). The
-  mask is moved onto the buffer as the older stateful wrappers do (export/coreai.py, export/executorch_modules.py):
-  columns [0, C) as given, the T new tokens' columns at their slots, the slack masked; a gather + where, which
-  both converters take. Pad rows of a padded last chunk land in slots past the valid ones: masked until real
-  tokens overwrite them, and the slack keeps every write in bounds (start + T <= C + S) without clamping.
-- conv and recurrent ("replace"): read from the buffers, replaced whole by `copy_` of the step's new state. The
-  step already keeps pad rows out of them (`valid_tokens`: decay 0 / beta 0 rows, conv state read at the valid
-  count), so nothing else is needed.
+  head_dim]. The step reads every slot: the host's mask [C cache columns | T new] gets S masked columns in the
+  middle, so stale slack rows are never seen. After the step, its T new rows (`new_keys` / `new_values`, all layers
+  at once) go to slots `start + [0, T)` with one `index_copy_` on the whole buffer. `start` (the number of cached
+  tokens) is read from the mask, not from position_ids: M-RoPE positions are sequence index + a delta (4.7 images
+  make it negative), so they are not slots; the host's mask lets every row see exactly the `start` cached columns
+  among [0, C). Pad rows of a padded last chunk land in slots past the valid ones: masked until real tokens
+  overwrite them, and the slack keeps every write in bounds (start + T <= C + S) without clamping.
+- conv and recurrent ("replace"): replaced whole by `copy_` of the step's new state. The step already keeps pad
+  rows out of them (`valid_tokens`: decay 0 / beta 0 rows, conv state read at the valid count).
 Zeroed buffers are a new conversation (`reset`). Run eagerly the wrapper is the exact PyTorch reference of every
 exported function / method (one set of buffers, as one set of state arrays at run time).
 
-Writes, measured with coreai-torch 0.4.3 and executorch 1.5.1 on a toy of the same shape: `index_copy_` on a
-layer view of the stacked buffer converts to a Core AI state write and runs in ExecuTorch (XNNPACK program,
-shared buffers); `index_put_` with the layer as an advanced index fails in ExecuTorch at run time (error 0x12),
-and a slice assignment at a traced position does not convert in coreai-torch (REFERENCE section 7).
+Why one write of the whole buffer after the step, measured with executorch 1.5.1 (toy of the same shape and the
+tiny 4.6): a write into a layer *view* (`past_keys[i].index_copy_`, the earlier formulation) is functionalised into
+a copy of the layer + `index_put` + `select_scatter`; ExecuTorch's reinplace pass then turns that `index_put` into
+an in-place write on the layer copy, and memory planning ends the copy's lifetime at the write, so later small
+tensors (arange / eq results) are planned over its first bytes: the first cache slots of a layer read back as
+zeros (logits 5e-2 off; XNNPACK or portable kernels alike). An `index_put_` on the buffer itself is planned in the
+buffers' own memory and runs in place, exactly. Core AI converts the same write into a state update. `index_put_`
+with the layer as an advanced index fails in ExecuTorch at run time (error 0x12), and a slice assignment at a
+traced position does not convert in coreai-torch (REFERENCE section 7).
 """
 
 from __future__ import annotations
@@ -72,25 +76,17 @@ class StatefulHybridStep(nn.Module):
         # the cached tokens = the cache columns the first row sees (0 = visible in the host's additive mask)
         start = (attention_mask[0, 0, :1, :context] == 0).sum(-1)
         slots = start + torch.arange(tokens)
-        # keys [C slots | T new] -> [C slots | S slack], the new tokens' columns at their slots
-        low = torch.finfo(attention_mask.dtype).min
-        base = torch.cat([attention_mask[..., :context],
-                          torch.full((1, 1, tokens, self.slack), low, dtype=attention_mask.dtype)], dim=-1)
-        offset = torch.arange(context + self.slack) - start
-        moved = torch.index_select(attention_mask[..., context:], 3, offset.clamp(0, tokens - 1))
-        mask = torch.where((offset >= 0) & (offset < tokens), moved, base)
-
-        def attend_over(i: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = self.past_keys, self.past_values  # [L_full, kv_heads, C + S, head_dim]
-            keys[i].index_copy_(1, slots, key[0].to(keys.dtype))  # a state write (see the module docstring)
-            values[i].index_copy_(1, slots, value[0].to(values.dtype))
-            return keys[i][None].to(key.dtype), values[i][None].to(value.dtype)
-
-        outputs = self.step.run_layers(inputs_embeds, position_ids, mask, last_index, valid_tokens, attend_over,
-                                       getattr(self, "conv_state", None), getattr(self, "recurrent_state", None))
-        for t, new in zip(self.spec.tensors, outputs[1:], strict=True):
-            if t.update == "replace":  # the KV rows ("append") are written above, layer by layer
-                getattr(self, t.name).copy_(new.to(t.torch_dtype))
+        # [C cache | T new] -> [C cache | S slack, masked | T new]: the step reads whole buffers, no slice copy
+        slack = torch.full((1, 1, tokens, self.slack), torch.finfo(attention_mask.dtype).min,
+                           dtype=attention_mask.dtype)
+        mask = torch.cat([attention_mask[..., :context], slack, attention_mask[..., context:]], dim=-1)
+        state = [getattr(self, name) for name in self.state_names]
+        outputs = self.step(inputs_embeds, position_ids, mask, last_index, valid_tokens, *state)
+        for t, buffer, new in zip(self.spec.tensors, state, outputs[1:], strict=True):
+            if t.update == "append":  # all layers' T new rows at their slots, one write of the whole buffer
+                buffer.index_copy_(t.axes.index("position"), slots, new.to(t.torch_dtype))
+            else:
+                buffer.copy_(new.to(t.torch_dtype))
         return outputs[0]
 
     def reset(self) -> None:
@@ -151,8 +147,8 @@ def state_description(wrapper: StatefulHybridStep, backend: str) -> dict:
         "slack_slots": wrapper.slack,
         "write_position": "KV: the T new rows go to slots start + [0, T), start = the cache columns the first row "
                           "of the attention mask sees (the cached tokens); conv / recurrent: replaced whole",
-        "attention_mask": "[1,1,T,C+T] additive, as for ONNX; the graph moves the new tokens' columns onto their "
-                          "slots and masks the slack",
+        "attention_mask": "[1,1,T,C+T] additive, as for ONNX; the graph masks the slack slots and writes the new "
+                          "rows after the step",
         "reset": f"zeroed state = a new conversation ({backend})",
         "host": "the session keeps only the token count (masks, positions, context-full); it sends no state "
                 "inputs and gets the logits only",

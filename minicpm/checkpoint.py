@@ -6,6 +6,7 @@ without random initialisation, so loading holds about one copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from minicpm.config import VARIANTS, MiniCPMConfig
@@ -31,6 +33,7 @@ SKIPPED_PREFIXES = ("tts.",)
 AUDIO_PREFIXES = ("apm.", "audio_projection_layer.", "audio_avg_pooler.")
 # Buffers some saved checkpoints carry that are recomputed here (position ranges, rotary frequencies).
 DERIVED_BUFFERS = re.compile(r"(^vpm\.embeddings\.position_ids$|\.rotary_emb\.inv_freq$|^resampler\.pos_embed$)")
+TIED_HEAD = "llm.lm_head.weight"  # not stored when the head shares the embedding table
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
 
 
@@ -106,6 +109,43 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise UserError(f"{f}: cannot read safetensors ({e})") from None
 
 
+class TensorReader:
+    """The checkpoint's tensors by name, one at a time, in their stored dtype (shapes from the headers).
+
+    safetensors maps the shard and `get` returns a tensor backed by that mapping: its pages count in the process's
+    RSS until the tensor is dropped, so a caller converts it and lets it go, and at most one stored tensor is held.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in checkpoint_files(path):
+            with _reading(f), safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self.files[key] = f
+                    self.shapes[key] = tuple(sf.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self.files[key]
+        with _reading(f), safe_open(str(f), framework="pt") as sf:
+            return sf.get_tensor(key)
+
+
+class _reading:
+    """A corrupt shard is one UserError naming it."""
+
+    def __init__(self, f: Path):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and not issubclass(kind, UserError) and issubclass(kind, Exception):
+            raise UserError(f"{self.f}: cannot read safetensors ({e})") from None
+
+
 @dataclass
 class LoadReport:
     loaded: int = 0
@@ -147,28 +187,66 @@ def _resolve_dtype(dtype: str | torch.dtype | None, path: Path) -> torch.dtype:
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto") -> tuple[MiniCPMV, LoadReport]:
     """Build the model from `path`/config.json and load its safetensors strictly."""
-    from transformers.initialization import no_init_weights  # noqa: PLC0415
-
     path = Path(path)
     config = MiniCPMConfig.from_dir(path)
-    torch_dtype = _resolve_dtype(dtype, path)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)  # allocate once, in the final dtype
-    try:
-        with no_init_weights():
-            model = MiniCPMV(config)
-    except Exception as e:  # noqa: BLE001 (config.json is user input: a config the modules cannot be built from)
-        raise UserError(f"{path}: cannot build the model its config.json describes ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'bad value'})") from None
-    finally:
-        torch.set_default_dtype(previous)
+    model = _build(path, config, _resolve_dtype(dtype, path))
     params = dict(model.state_dict())
-    tied = "llm.lm_head.weight" if config.llm.tie_word_embeddings else None
+    tied = TIED_HEAD if config.llm.tie_word_embeddings else None
     report, _ = load_strictly(path, params, lambda key: _skip_reason(key, config), config.variant.name, tied)
     if tied:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
     model.eval()
     return model, report
+
+
+def load_skeleton(path: str | os.PathLike) -> tuple[MiniCPMV, TensorReader, LoadReport]:
+    """The float32 model of `path` with every parameter on the meta device (no weight memory; buffers such as
+    the rotary frequencies are real) and a reader of its tensors, checked as strictly as `load_model` checks
+    them. minicpm.lazy_model fills parts of it from the reader and empties them again."""
+    path = Path(path)
+    config = MiniCPMConfig.from_dir(path)
+    with _parameters_on_meta():
+        model = _build(path, config, torch.float32)
+    reader = TensorReader(path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = TIED_HEAD if config.llm.tie_word_embeddings else None
+    report = check_strictly(path, reader, shapes, lambda key: _skip_reason(key, config), config.variant.name, tied)
+    if tied:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    return model.eval(), reader, report
+
+
+def _build(path: Path, config: MiniCPMConfig, torch_dtype: torch.dtype) -> MiniCPMV:
+    from transformers.initialization import no_init_weights  # noqa: PLC0415
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # allocate once, in the final dtype
+    try:
+        with no_init_weights():
+            return MiniCPMV(config)
+    except Exception as e:  # noqa: BLE001 (config.json is user input: a config the modules cannot be built from)
+        raise UserError(f"{path}: cannot build the model its config.json describes ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'bad value'})") from None
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every Parameter registered inside the block lives on the meta device. Buffers stay real: the rotary
+    frequencies and position tables are computed in the constructors, not stored in the checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def load_strictly(path: Path, params: dict[str, torch.Tensor], skip_reason, name: str,
@@ -192,14 +270,37 @@ def load_strictly(path: Path, params: dict[str, torch.Tensor], skip_reason, name
             params[key].copy_(tensor)
         seen.add(key)
         report.loaded += 1
-    missing = [k for k in params if k not in seen and k != tied]
+    _refuse_mismatch(path, name, mismatched, [k for k in params if k not in seen and k != tied], unexpected)
+    return report, seen
+
+
+def check_strictly(path: Path, reader: TensorReader, shapes: dict[str, tuple[int, ...]], skip_reason, name: str,
+                   tied: str | None = None) -> LoadReport:
+    """`load_strictly`'s checks from the shards' headers alone (no tensor is read): `shapes` is the model's
+    state_dict as name -> shape. Same one UserError for mismatched, missing and unexpected keys."""
+    report, seen, unexpected, mismatched = LoadReport(), set(), [], []
+    for key, shape in reader.shapes.items():
+        reason = skip_reason(key)
+        if reason:
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        elif key not in shapes:
+            unexpected.append(key)
+        elif shape != tuple(shapes[key]):
+            mismatched.append(f"{key} (checkpoint {list(shape)}, model {list(shapes[key])})")
+        else:
+            seen.add(key)
+            report.loaded += 1
+    _refuse_mismatch(path, name, mismatched, [k for k in shapes if k not in seen and k != tied], unexpected)
+    return report
+
+
+def _refuse_mismatch(path: Path, name: str, mismatched: list[str], missing: list[str], unexpected: list[str]) -> None:
     problems = [f"shape mismatch: {', '.join(mismatched[:5])}"] if mismatched else []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
         if keys:
             problems.append(f"{what}: {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""))
     if problems:
         raise UserError(f"{path}: checkpoint does not match {name}: " + "; ".join(problems))
-    return report, seen
 
 
 def save_model(model: MiniCPMV, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,

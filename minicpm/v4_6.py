@@ -623,6 +623,35 @@ def _tiny_tokenizer(out: Path):
     return fast
 
 
+def write_checkpoint_files(variant: HybridVariant, out: Path, text: dict, vision: dict, top: dict) -> PretrainedConfig:
+    """Everything of a checkpoint but its weights, with the tiny tokenizer: tokenizer files, config.json as
+    transformers' config class writes it (`text` / `vision` sections and `top`-level keys as given, token ids and
+    `vocab_size` when absent from the tokenizer), generation, image, video and processor configs. Returns the config."""
+    tok = _tiny_tokenizer(out)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in NAMED_TOKENS.items()}
+    top = {**top, "image_token_id": ids["image_token"], "video_token_id": ids["video_token"]}
+    if variant.canvas_positions:
+        top.update(image_start_id=ids["image_start_token"], image_end_id=ids["image_end_token"],
+                   slice_start_id=ids["slice_start_token"], slice_end_id=ids["slice_end_token"],
+                   newline_id=tok.convert_tokens_to_ids("\u010a"))  # byte-level "\n"
+    else:
+        top["drop_vision_last_layer"] = False
+    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    text = {"vocab_size": len(tok), **text, "eos_token_id": eos[0], "pad_token_id": eos[1], "bos_token_id": None}
+    config = variant.config_class(text_config=text, vision_config=dict(vision), **top)
+    config.architectures = [variant.model_class.__name__]
+    config.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos[1]}, indent=2)
+                                                + "\n")
+    processor_class = variant.model_class.__name__.replace("ForConditionalGeneration", "Processor")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps({**IMAGE_PROCESSOR, "processor_class": processor_class}, indent=2) + "\n")
+    (out / "video_preprocessor_config.json").write_text(
+        json.dumps({**VIDEO_PROCESSOR, "processor_class": processor_class}, indent=2) + "\n")
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2) + "\n")
+    return config
+
+
 def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
     """Write `tiny-minicpm-v-4.6` / `-4.7` into `out_dir`: config.json as transformers' config class writes it,
     model.safetensors with the real parameter names, tokenizer, processor and generation configs."""
@@ -634,22 +663,9 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -
     variant = HYBRID_MODEL_TYPES[TINY_NAMES[name]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tiny_tokenizer(out)
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in NAMED_TOKENS.items()}
     top = {"insert_layer_id": 1, "image_size": 448, "downsample_mode": "16x", "merge_kernel_size": [2, 2],
-           "merger_times": 1, "tie_word_embeddings": False, "image_token_id": ids["image_token"],
-           "video_token_id": ids["video_token"]}
-    if variant.canvas_positions:
-        top.update(image_start_id=ids["image_start_token"], image_end_id=ids["image_end_token"],
-                   slice_start_id=ids["slice_start_token"], slice_end_id=ids["slice_end_token"],
-                   newline_id=tok.convert_tokens_to_ids("\u010a"))  # byte-level "\n"
-    else:
-        top["drop_vision_last_layer"] = False
-    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    text = {**TINY_TEXT, "vocab_size": len(tok), "eos_token_id": eos[0], "pad_token_id": eos[1],
-            "bos_token_id": None}
-    config = variant.config_class(text_config=text, vision_config=dict(TINY_VISION), **top)
-    config.architectures = [variant.model_class.__name__]
+           "merger_times": 1, "tie_word_embeddings": False}
+    config = write_checkpoint_files(variant, out, TINY_TEXT, TINY_VISION, top)
     torch.manual_seed(seed)
     model = variant.model_class(config)
     _init_weights(model, seed)
@@ -659,13 +675,4 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int | None = None) -
                 module.weight.sub_(1.0)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(str(out))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos[1]}, indent=2)
-                                                + "\n")
-    processor_class = variant.model_class.__name__.replace("ForConditionalGeneration", "Processor")
-    (out / "preprocessor_config.json").write_text(
-        json.dumps({**IMAGE_PROCESSOR, "processor_class": processor_class}, indent=2) + "\n")
-    (out / "video_preprocessor_config.json").write_text(
-        json.dumps({**VIDEO_PROCESSOR, "processor_class": processor_class}, indent=2) + "\n")
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2) + "\n")
     return out

@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from quant.calibration import build_calibration
-from quant.checkpoint import check_out_dir, write_quantized
+from quant.checkpoint import check_out_dir, open_checkpoint, write_quantized
 from quant.cli import add_quant_arguments, config_from_args, peak_rss_mb, table
 from quant.quantize import awq_quantize, rtn_quantize
 from runtime.cli import add_model_argument, run
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args, args.quantize_vision, args.quantize_audio)
     out = check_out_dir(args.out, args.overwrite)
     start = time.perf_counter()
-    ckpt = Checkpoint.open(args.model)
-    if args.quantize_audio and ckpt.config.audio is None:
+    ckpt = open_checkpoint(args.model)  # MiniCPM-V 4.6 / 4.7: transformers' classes (minicpm.v4_6)
+    if args.quantize_audio and getattr(ckpt.config, "audio", None) is None:
         raise UserError(f"--quantize-audio: {args.model} has no audio encoder (MiniCPM-o only)")
     model, _ = ckpt.load_model(args.dtype)
     if args.method == "awq":

@@ -5,6 +5,9 @@ sliced) paired with chat prompts, plus text-only chats, some multi-turn with ass
 rendered with the checkpoint's own chat template (`Checkpoint.prompts.build`), the images go through the
 model's vision path, and the sample is the prompt's `inputs_embeds`, cut to `seq_len` tokens.
 
+MiniCPM-V 4.6 / 4.7: the same chats through the model's own processor and chat template, as inputs of its Qwen3.5
+text model (`hybrid_items`).
+
 User JSONL, one object per line:
     {"images": ["photo.jpg", ...], "messages": [{"role": "user", "content": "..."}, ...]}
     {"text": "plain text, tokenised without a chat template"}
@@ -31,6 +34,7 @@ from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.image_processing import load_image
 from minicpm.modeling import MiniCPMV
+from quant.layout import is_hybrid
 
 IMAGE_PROMPTS = [
     "What is in this image?", "Describe this image in detail.", "How many shapes can you see? List them.",
@@ -262,6 +266,26 @@ def vision_item(model: MiniCPMV, pixel_values: list[torch.Tensor], tgt_sizes: li
 
 
 @torch.no_grad()
+def hybrid_items(ckpt, model, chats: list[list[dict] | str], seq_len: int) -> list[dict]:
+    """MiniCPM-V 4.6 / 4.7 (`ckpt` a `minicpm.v4_6.HybridCheckpoint`): each chat through the model's own processor
+    and chat template, then the host side of the model's forward (its embeddings with the image features scattered
+    in, its M-RoPE positions, canvas ones on 4.7): {"inputs_embeds": [1, L, H], "position_ids": [3, 1, L]} for the
+    Qwen3.5 text model, cut to `seq_len` tokens."""
+    from minicpm.v4_6 import prompt_embeddings, prompt_positions  # noqa: PLC0415
+
+    items = []
+    for chat in chats:
+        if isinstance(chat, str):
+            inputs = {"input_ids": torch.tensor([ckpt.tokenizer.encode(chat)])}
+        else:
+            inputs = ckpt.prompts.reference_inputs(chat)
+        positions, _ = prompt_positions(model, inputs)
+        items.append({"inputs_embeds": prompt_embeddings(model, inputs)[:, :seq_len],
+                      "position_ids": positions[:, None, :seq_len]})
+    return items
+
+
+@torch.no_grad()
 def build_calibration(ckpt: Checkpoint, model: MiniCPMV, source: str | os.PathLike | None = None,
                       samples: int = 128, seq_len: int = 512, vision: bool = False, seed: int = 0,
                       heldout: bool = False, audio: bool = False) -> list[dict]:
@@ -275,6 +299,10 @@ def build_calibration(ckpt: Checkpoint, model: MiniCPMV, source: str | os.PathLi
     if seq_len < 8:
         raise UserError(f"seq_len must be >= 8, got {seq_len}")
     chats = read_jsonl(source, samples) if source is not None else default_conversations(samples, seed, heldout)
+    if is_hybrid(model):
+        if vision or audio:
+            raise UserError("MiniCPM-V 4.6 / 4.7 calibrate the language model only (no vision or audio samples)")
+        return hybrid_items(ckpt, model, chats, seq_len)
     llm_items, vision_items = [], []
     for chat in chats:
         if isinstance(chat, str):

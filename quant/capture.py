@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
+from quant.layout import is_hybrid
 
 CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.x passes `cache=`
 
@@ -51,6 +52,8 @@ def runner(model: nn.Module, block_path: str, items: list) -> tuple[Callable[[An
     recorded-clip path: 30 s pieces, the block-causal chunk mask) to the Whisper blocks; all other items are
     inputs of `model.llm` (e.g. {"inputs_embeds": ...}).
     """
+    if is_hybrid(model):  # MiniCPM-V 4.6 / 4.7: items are inputs of the Qwen3.5 text model (quant.calibration)
+        return (lambda item: call(model.model.language_model, item)), items
     if not isinstance(model, MiniCPMV):
         return (lambda item: call(model, item)), items
     if block_path.startswith("vpm."):
@@ -71,16 +74,21 @@ def runner(model: nn.Module, block_path: str, items: list) -> tuple[Callable[[An
     return (lambda item: call(model.llm, item)), chosen
 
 
-def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Move tensors inside nested tuples / lists / dicts; floating tensors optionally change dtype."""
+def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None,
+              memo: dict[int, tuple] | None = None) -> Any:
+    """Move tensors inside nested tuples / lists / dicts; floating tensors optionally change dtype. `memo`
+    (id -> (tensor, moved)) moves a tensor seen before only once (masks and rotary tables shared by many layers)."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
-        return obj.detach().to(device=device, dtype=dtype)
+        if id(obj) not in memo:  # the tensor is kept with its copy, so its id cannot be reused meanwhile
+            dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
+            memo[id(obj)] = (obj, obj.detach().to(device=device, dtype=dtype))
+        return memo[id(obj)][1]
     if isinstance(obj, tuple | list):
-        items = [to_device(o, device, float_dtype) for o in obj]
+        items = [to_device(o, device, float_dtype, memo) for o in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples take fields
     if isinstance(obj, dict):
-        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
+        return {k: to_device(v, device, float_dtype, memo) for k, v in obj.items()}
     return obj
 
 
@@ -90,6 +98,10 @@ class BlockInput:
 
     args: tuple
     kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
         """The same call with new hidden states (the first positional argument, or `hidden_states=`)."""
@@ -135,6 +147,38 @@ def capture_inputs(run: Callable[[Any], Any], items: list, block: nn.Module, blo
                             " (do these inputs exercise the quantised layers?)")
     finally:
         handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def capture_block_arguments(run: Callable[[Any], Any], items: list, blocks: list[nn.Module],
+                            device: torch.device) -> list[list[BlockInput]]:
+    """Each later block's own extra arguments per item ([block][item], hidden states left out as None), for block
+    lists whose blocks take different ones (Qwen3.5: a recurrent mask for the linear-attention layers, a causal mask
+    for the full-attention ones). One full-precision forward per item, stopped at the last block."""
+    captured: list[list[BlockInput]] = [[] for _ in blocks[1:]]
+    memo: dict[int, tuple] = {}  # one copy of each shared tensor for all blocks of an item
+
+    def hook(index: int):
+        def record(module, args, kwargs):
+            kwargs = {**_sanitize(kwargs), **({"hidden_states": None} if "hidden_states" in kwargs else {})}
+            captured[index].append(BlockInput(to_device((None, *args[1:]) if args else (), device, torch.float32, memo),
+                                              to_device(kwargs, device, torch.float32, memo)))
+            if index == len(captured) - 1:
+                raise _Stop
+        return record
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks[1:])]
+    try:
+        for item in items:
+            memo.clear()
+            try:
+                run(item)
+            except _Stop:
+                continue
+    finally:
+        for h in handles:
+            h.remove()
     return captured
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from export.bundle import staged_directory
-from minicpm.checkpoint import load_model
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
 from quant.quantize import QuantResult
@@ -46,7 +46,23 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _state_dict(model: MiniCPMV) -> dict[str, torch.Tensor]:
+def open_checkpoint(name: str | os.PathLike):
+    """The source checkpoint: `minicpm.v4_6.HybridCheckpoint` for MiniCPM-V 4.6 / 4.7, else `Checkpoint`."""
+    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415
+    from minicpm.checkpoint import Checkpoint  # noqa: PLC0415
+    from minicpm.v4_6 import HybridCheckpoint  # noqa: PLC0415
+
+    return HybridCheckpoint.open(name) if is_hybrid_model(name) else Checkpoint.open(name)
+
+
+def _tied_head(model: nn.Module) -> str | None:
+    """The lm_head weight's name when it is the embedding table (left out of the file, as the source does)."""
+    if isinstance(model, MiniCPMV):
+        return "llm.lm_head.weight" if model.config.llm.tie_word_embeddings else None
+    return "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None  # MiniCPM-V 4.6 / 4.7
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
         state[name] = tensor.detach().contiguous()
@@ -54,8 +70,9 @@ def _state_dict(model: MiniCPMV) -> dict[str, torch.Tensor]:
         if isinstance(module, InputScaledLinear):  # a plain Linear must compute the same function
             w = module.weight.float() * module.input_scale.float()[None, :]
             state[f"{name}.weight"] = w.to(module.weight.dtype).contiguous()
-    if model.config.llm.tie_word_embeddings:
-        state.pop("llm.lm_head.weight", None)
+    tied = _tied_head(model)
+    if tied:
+        state.pop(tied, None)
     return state
 
 
@@ -93,7 +110,7 @@ def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_file}: not a {FORMAT} file")
     records, config = load_records(path / meta.get("records", RECORDS_FILE))
-    model, _ = load_model(path, dtype)
+    model, _ = open_checkpoint(path).load_model(dtype)
     with torch.no_grad():
         for name, record in records.items():
             try:

@@ -26,11 +26,24 @@ from quant.config import QuantConfig
 # (prev, linears) per group, names relative to one block; prev None = explicit input scale.
 LayoutTable = list[tuple[str | None, list[str]]]
 KNOWN_LAYOUTS: dict[str, LayoutTable] = {
+    # Also Qwen3.5's full-attention layers (MiniCPM-V 4.6 / 4.7): q_proj's extra gate rows and the sigmoid gate on
+    # the attention output are per-channel products, so v_proj -> o_proj stays linear (unscaled under GQA).
     "llama/qwen2/qwen3 decoder": [
         ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
         ("self_attn.v_proj", ["self_attn.o_proj"]),
         ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
         ("mlp.up_proj", ["mlp.down_proj"]),
+    ],
+    # Qwen3.5's gated delta-net layers (linear attention; MiniCPM-V 4.6 / 4.7).
+    "qwen3.5 gated delta-net decoder": [
+        # the four projections read input_layernorm's output, which feeds nothing else (the residual takes its input)
+        ("input_layernorm", ["linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                             "linear_attn.in_proj_a"]),
+        # out_proj reads RMSNormGated(core, z): one weight per head channel shared by every head, times silu(z);
+        # no per-channel scale over all heads fits in it, and silu is not linear: an explicit input scale
+        (None, ["linear_attn.out_proj"]),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ("mlp.up_proj", ["mlp.down_proj"]),  # through silu(gate) * up: linear in up's rows
     ],
     "siglip/idefics2 encoder": [
         ("layer_norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
@@ -60,8 +73,18 @@ KNOWN_LAYOUTS: dict[str, LayoutTable] = {
 # the branch (first Linear of the group -> branch module). Checked at run time against the block (quant.search).
 LAST_BRANCH: dict[str, dict[str, str]] = {
     "llama/qwen2/qwen3 decoder": {"mlp.gate_proj": "mlp", "mlp.down_proj": "mlp.down_proj"},
+    "qwen3.5 gated delta-net decoder": {"mlp.gate_proj": "mlp", "mlp.down_proj": "mlp.down_proj"},
     "siglip/idefics2 encoder": {"mlp.fc1": "mlp", "mlp.fc2": "mlp.fc2"},
     "whisper encoder": {"fc2": "fc2"},
+}
+
+# Linears of a known layout left in full precision by default, with the reason (they still take their group's
+# scale in full precision, so the group's other members can be scaled).
+KEPT_FLOAT: dict[str, dict[str, str]] = {
+    "qwen3.5 gated delta-net decoder": {
+        name: "delta-net gate projection (one row per value head: its decay / write strength compounds over every "
+              "later token of the recurrent state, for a negligible share of the weights)"
+        for name in ("linear_attn.in_proj_b", "linear_attn.in_proj_a")},
 }
 
 
@@ -153,6 +176,16 @@ class Plan:
     int8: dict[str, nn.Module] = field(default_factory=dict)  # lm_head / embeddings with int8 records
 
 
+HYBRID_LLM_BLOCKS = "model.language_model.layers"  # MiniCPM-V 4.6 / 4.7: the Qwen3.5 text layers
+
+
+def is_hybrid(model: nn.Module) -> bool:
+    """MiniCPM-V 4.6 / 4.7, built from transformers' own classes (minicpm.v4_6)."""
+    from minicpm.v4_6 import HYBRID_MODEL_TYPES  # noqa: PLC0415
+
+    return getattr(getattr(model, "config", None), "model_type", None) in HYBRID_MODEL_TYPES
+
+
 def _has_linear(module: nn.Module, prefix: str, config: QuantConfig) -> bool:
     return any(isinstance(m, nn.Linear) and not config.skipped_by(f"{prefix}{n}")
                for n, m in module.named_modules())
@@ -161,10 +194,9 @@ def _has_linear(module: nn.Module, prefix: str, config: QuantConfig) -> bool:
 def find_block_lists(model: nn.Module, config: QuantConfig) -> list[str]:
     """Paths of the transformer block lists, in execution order.
 
-    `config.blocks` when given; for MiniCPMV the LLM layers (after the vision layers when quantize_vision and
-    the Whisper encoder layers when quantize_audio);
-    otherwise the longest ModuleList of same-type modules holding a quantisable Linear, or the model
-    itself when it has none.
+    `config.blocks` when given; for MiniCPM-V 4.6 / 4.7 the Qwen3.5 text layers; for MiniCPMV the LLM layers
+    (after the vision layers when quantize_vision and the Whisper encoder layers when quantize_audio); otherwise
+    the longest ModuleList of same-type modules holding a quantisable Linear, or the model itself when it has none.
     """
     if config.blocks is not None:
         for path in config.blocks:
@@ -175,6 +207,13 @@ def find_block_lists(model: nn.Module, config: QuantConfig) -> list[str]:
             if not any(isinstance(m, nn.Linear) for m in module.modules()):
                 raise UserError(f"blocks: {path!r} contains no Linear layers")
         return list(config.blocks)
+    if is_hybrid(model):
+        if config.quantize_vision or config.quantize_audio:
+            # the ViT's merger sits between two encoder layers and changes the token count: block-by-block replay
+            # of the vision layers is not built for it yet
+            raise UserError("quantize_vision / quantize_audio: MiniCPM-V 4.6 / 4.7 quantise the language model only "
+                            "(the vision encoder stays float)")
+        return [HYBRID_LLM_BLOCKS]
     if isinstance(model, MiniCPMV):
         if config.quantize_audio and not hasattr(model, "apm"):
             raise UserError(f"quantize_audio: {model.config.variant.name} has no audio encoder (MiniCPM-o only)")
@@ -235,6 +274,8 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
     in_blocks = {f"{prefix}{n}".rstrip(".") for bl in plan.block_lists for prefix, block in bl.blocks
                  for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     heads, token_embeddings = _heads_and_embeddings(model)
+    float_by_layout = {f"{prefix}{n}": reason for bl in plan.block_lists for prefix, block in bl.blocks
+                       for n, reason in KEPT_FLOAT.get((known_layout(block) or ("",))[0], {}).items()}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             reason = config.skipped_by(name)
@@ -252,8 +293,8 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
                 plan.int8[name] = module
             else:
                 plan.kept[name] = reason or "output head (lm_head='keep')"
-        elif reason:
-            plan.kept[name] = reason
+        elif reason or name in float_by_layout:
+            plan.kept[name] = reason or float_by_layout[name]
         elif name not in in_blocks:
             plan.kept[name] = "outside the transformer blocks"
         elif module.in_features % config.group_size:

@@ -25,12 +25,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minicpm.errors import UserError
-from quant.capture import BlockInput, capture_inputs, run_block, runner
+from quant.capture import BlockInput, capture_block_arguments, capture_inputs, run_block, runner
 from quant.codes import quantize_int8_rows
 from quant.config import QuantConfig
 from quant.layout import Plan, ScaleGroup, known_layout, make_plan
 from quant.records import QuantRecord
-from quant.scaling import InputScaledLinear, apply_scale
+from quant.scaling import OFFSET_NORM, InputScaledLinear, apply_scale
 from quant.search import (
     collect_stats,
     needs_clip_search,
@@ -201,11 +201,18 @@ def awq_quantize(model: nn.Module, calibration: Iterable[Any], config: QuantConf
     result = _new_result(model, config, plan, "awq")
     for block_list in plan.block_lists:
         run, chosen = runner(model, block_list.path, items)
-        inputs = capture_inputs(run, chosen, block_list.blocks[0][1], block_list.path, device)
+        blocks = [block for _, block in block_list.blocks]
+        inputs = capture_inputs(run, chosen, blocks[0], block_list.path, device)
+        # Blocks of different layouts in one list (Qwen3.5's linear / full attention) may take different masks:
+        # each then gets its own captured arguments; otherwise every block reuses the first one's.
+        mixed = len({(known_layout(b) or ("generic",))[0] for b in blocks}) > 1
+        own = capture_block_arguments(run, chosen, blocks, device) if mixed else None
         label = block_list.path or type(model).__name__
         progress = tqdm(block_list.blocks, desc=f"AWQ {label}", unit="block", disable=None)
         for index, (prefix, block) in enumerate(progress):
             last = index == len(block_list.blocks) - 1
+            if own and index:
+                inputs = [theirs.with_hidden(inp.hidden) for inp, theirs in zip(inputs, own[index - 1], strict=True)]
             inputs, layout = _awq_block(block, prefix, inputs, plan, result, device, last)
             result.report["layouts"].setdefault(block_list.path, set()).add(layout)
         del inputs
@@ -227,7 +234,11 @@ class _OnDevice:
         return self.block.to(device=self.device, dtype=torch.float32)
 
     def __exit__(self, *exc) -> None:
+        # a folded (1 + weight) norm stays float32 in any model dtype (quant.scaling.OFFSET_NORM)
+        keep = {p: p.detach().float() for p in self.block.parameters() if getattr(p, OFFSET_NORM, False)}
         self.block.to(device=self.home[0], dtype=self.home[1])
+        for p, value in keep.items():
+            p.data = value.to(self.home[0])
 
 
 def _awq_block(block: nn.Module, prefix: str, inputs: list[BlockInput], plan: Plan, result: QuantResult,

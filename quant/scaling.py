@@ -13,6 +13,9 @@ from torch.nn import functional as F
 from quant.layout import ScaleGroup
 
 S_MIN, S_MAX = 1e-4, 1e4  # keep s (and 1/s, stored as float16) far from float16 limits
+# A (1 + weight) norm that absorbed 1/s holds (1 + w) / s - 1, near -1 for a large s: in bfloat16 that loses the
+# small difference, so such weights stay float32 whatever the model's dtype (the Parameter's `keep_float32`).
+OFFSET_NORM = "keep_float32"
 
 
 class InputScaledLinear(nn.Linear):
@@ -62,7 +65,8 @@ def explicit_scale(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     """Divide a norm's output by s through its weight (and bias); False (norm untouched) when the norm
-    turns out not to be `normalise(x) * weight + bias` (checked on a random input)."""
+    turns out to be neither `normalise(x) * weight + bias` nor `normalise(x) * (1 + weight)` (Gemma, Qwen3.5),
+    checked on a random input. A folded (1 + weight) norm's weight is marked `OFFSET_NORM`."""
     weight = norm.weight
     bias = getattr(norm, "bias", None)
     if weight is None or weight.ndim != 1 or weight.shape[0] != s.shape[0]:
@@ -70,13 +74,17 @@ def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     probe = torch.randn(4, s.shape[0], device=weight.device, dtype=weight.dtype)
     expected = norm(probe).float() / s.to(weight.device)
     old_w, old_b = weight.detach().clone(), bias.detach().clone() if isinstance(bias, torch.Tensor) else None
-    weight.div_(s.to(weight.device, weight.dtype))
-    if old_b is not None:
-        bias.div_(s.to(bias.device, bias.dtype))
-    got = norm(probe).float()
-    if torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())):
-        return True
-    weight.copy_(old_w)  # e.g. a (1 + weight) norm: leave it alone, the caller falls back
+    s = s.to(weight.device, torch.float32)
+    for offset in (0.0, 1.0):  # weight' = (offset + weight) / s - offset
+        weight.copy_(((old_w.float() + offset) / s - offset).to(weight.dtype))
+        if old_b is not None:
+            bias.copy_((old_b.float() / s).to(bias.dtype))
+        got = norm(probe).float()
+        if torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())):
+            if offset:
+                setattr(weight, OFFSET_NORM, True)
+            return True
+    weight.copy_(old_w)  # neither form: leave it alone, the caller falls back to an explicit scale
     if old_b is not None:
         bias.copy_(old_b)
     return False

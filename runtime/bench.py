@@ -11,8 +11,17 @@ measured in the same run (before and after, best kept), giving the roofline (ban
 % of it each decode reached, and a device estimate: decode tok/s on A17 Pro, A18 Pro, M1 and M4 at their
 bandwidths and the efficiency measured here.
 
+MiniCPM-V 4.6 / 4.7 (the hybrid-attention models, tiny ones in the default set) run only the exports in
+HYBRID_EXPORTS (ONNX float / int4, ExecuTorch float): the other requested exports are skipped for them.
+
 `--full-size` adds `full-minicpm-v-4` (3.79 B parameters, random weights, built on first use: ~7.1 GB on disk)
-with the device exports (`--full-size-exports`); expect about an hour and 20+ GB of RAM for its exports today.
+with the device exports (`--full-size-exports`); expect about an hour: the ONNX export peaks near 7.5 GiB, the
+ExecuTorch one above 11 GiB (its XNNPACK lowering).
+`--hybrid-full` adds `full-minicpm-v-4.7` (the 4.7-1B shapes, 1.30 B parameters, random weights, ~2.6 GB built on
+first use) with `--hybrid-full-exports`. Full-size models run through the device backends only (not the eager
+torch reference). Rows also carry each artifact's size (`artifact_mb`). A failing step is reported (`failures` in
+bench.json, exit code 1) without losing the other jobs' rows; `--reuse-exports` measures the export directories
+already in --out (no export time or RSS then), for re-measuring the 20-minute full-size exports.
 Prints the tables and writes `out/bench/bench.json`. Speed goals are judged here, never in unit tests. int4
 exports use RTN: the same kernels and sizes as AWQ without the calibration time.
 """
@@ -48,9 +57,19 @@ EXPORTS = {
     "coreai-int4-int8head": ("export.coreai", ["--quant", "int4-rtn", "--lm-head", "int8", "--precision", "fp32"],
                              ["coreai"]),
 }
-DEFAULT_MODELS = "tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4"
+DEFAULT_MODELS = "tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4,tiny-minicpm-v-4.6,tiny-minicpm-v-4.7"
 FULL_SIZE_MODEL = "full-minicpm-v-4"
 FULL_SIZE_EXPORTS = "onnx-int4-int8head,executorch-8da4w-int8head"
+# the exports MiniCPM-V 4.6 / 4.7 are benched with: ONNX float and int4, ExecuTorch float
+HYBRID_EXPORTS = ["onnx", "onnx-int4", "onnx-int4-int8head", "executorch"]
+HYBRID_FULL_MODEL = "full-minicpm-v-4.7"
+# no int8 head: the 1B head is tied to the embeddings, which export.onnx cannot make int8 as well yet
+HYBRID_FULL_EXPORTS = "onnx,onnx-int4"
+REFERENCE_BACKENDS = {"torch"}  # eager reference runtimes: left out for full-size models (slow, not a device path)
+
+
+class StepFailed(Exception):
+    """One bench step (an export or a run) exited non-zero: its job is reported and the bench goes on."""
 
 
 def _run(args: list[str]) -> tuple[dict, float, float]:
@@ -58,7 +77,7 @@ def _run(args: list[str]) -> tuple[dict, float, float]:
     code, out, err, seconds, rss = machine.run_measured([sys.executable, "-m", *args])
     if code != 0:
         last = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
-        raise SystemExit(f"bench step failed: {' '.join(args)}\n{last}")
+        raise StepFailed(f"{' '.join(args)}\n{last}")
     return (json.loads(out.strip().splitlines()[-1]) if "--json" in args else {}), seconds, rss
 
 
@@ -80,11 +99,45 @@ def prefill_prompt(export_dir: Path, tokens: int) -> str:
     return " ".join(words[:lo])
 
 
+def is_hybrid(model: str) -> bool:
+    from export.onnx_hybrid import is_hybrid_model  # noqa: PLC0415 (resolves the model: tiny ones build on first use)
+
+    return is_hybrid_model(model)
+
+
+def plan_jobs(models: list[str], exports: list[str]) -> list[tuple[str, str]]:
+    """(model, export) pairs to run: every export for the older models, those in HYBRID_EXPORTS for 4.6 / 4.7."""
+    jobs = []
+    for model in models:
+        allowed = [name for name in exports if name in HYBRID_EXPORTS] if is_hybrid(model) else exports
+        if skipped := [name for name in exports if name not in allowed]:
+            print(f"{model}: skipping {', '.join(skipped)} (not available for MiniCPM-V 4.6 / 4.7 yet)")
+        jobs += [(model, name) for name in allowed]
+    return jobs
+
+
+def artifact_sizes(export_dir: Path, manifest: dict) -> dict[str, float]:
+    """MB per manifest artifact: its file plus external data (`llm.onnx.data`), or its directory (Core AI)."""
+    sizes = {}
+    for key, artifact in manifest["artifacts"].items():
+        path = export_dir / artifact["path"]
+        files = list(path.rglob("*")) if path.is_dir() else [path, *export_dir.glob(f"{path.name}.*")]
+        sizes[key] = round(sum(f.stat().st_size for f in files if f.is_file()) / 2**20, 1)
+    return sizes
+
+
 def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
+    from minicpm.full_size import FULL_SIZE_MODELS  # noqa: PLC0415
+
     module, extra, backends = EXPORTS[name]
+    if model in FULL_SIZE_MODELS:
+        backends = [b for b in backends if b not in REFERENCE_BACKENDS]
     export_dir = Path(args.out) / f"{model}-{name}"
-    _, export_s, export_rss = _run([module, "--model", model, "--out", str(export_dir), "--max-context",
-                                    str(args.max_context), *extra])
+    export_s = export_rss = None  # unknown when --reuse-exports measures an earlier export
+    if not (args.reuse_exports and (export_dir / "manifest.json").is_file()):
+        _, export_s, export_rss = _run([module, "--model", model, "--out", str(export_dir), "--max-context",
+                                        str(args.max_context), *extra])
+        export_s, export_rss = round(export_s, 1), round(export_rss, 1)
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
     per_token = machine.bytes_per_token(export_dir)
     common = ["--image", args.image, "--prompt", QUESTION, "--max-new-tokens", str(args.new_tokens), "--json"]
@@ -97,9 +150,9 @@ def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
         generate = ["runtime.generate", "--artifacts", str(export_dir), "--backend", backend]
         stats = _run([*generate, *common])[0]["stats"]
         text = _run([*generate, "--prompt", prompt, "--max-new-tokens", "2", "--json"])[0]["stats"]
-        rows.append({"model": model, "export": name, "backend": backend, "export_s": round(export_s, 1),
-                     "export_peak_rss_mb": round(export_rss, 1), "export_mb": round(size / 2**20, 1),
-                     "bytes_per_token": per_token, **stats,
+        rows.append({"model": model, "export": name, "backend": backend, "export_s": export_s,
+                     "export_peak_rss_mb": export_rss, "export_mb": round(size / 2**20, 1),
+                     "artifact_mb": artifact_sizes(export_dir, manifest), "bytes_per_token": per_token, **stats,
                      "prefill_prompt_tokens": text["prompt_tokens"], "prefill_tok_s": text["prefill_tok_s"],
                      "image_prefill_tok_s": stats["prefill_tok_s"]})
     return rows
@@ -112,11 +165,17 @@ def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tok
     for r in rows:
         mb = f"{r['bytes_per_token'] / 1e6:.1f}" if r.get("bytes_per_token") else "-"
         pct = f"{r['roofline_pct']:.2f}%" if "roofline_pct" in r else "-"
-        print(f"{r['model']:<20}{r['export']:<27}{r['backend']:<12}{r['export_s']:>7.1f}s"
-              f"{r['export_peak_rss_mb']:>9.0f}{r['export_mb']:>9.1f}{mb:>8}"
+        seconds = f"{r['export_s']:.1f}s" if r["export_s"] is not None else "-"
+        export_rss = f"{r['export_peak_rss_mb']:.0f}" if r["export_peak_rss_mb"] is not None else "-"
+        print(f"{r['model']:<20}{r['export']:<27}{r['backend']:<12}{seconds:>8}"
+              f"{export_rss:>9}{r['export_mb']:>9.1f}{mb:>8}"
               f"{r['vision_ms_per_slice']:>11.1f}ms{r['time_to_first_token_ms']:>9.0f}"
               f"{r.get('audio_ms_per_chunk', 0.0):>10.1f}ms{r['prefill_tok_s']:>12.1f}"
               f"{r['decode_tok_s']:>11.1f}{pct:>9}{r['peak_rss_mb']:>8.0f}")
+    print("\nartifact sizes (MB)")
+    for r in {(r["model"], r["export"]): r for r in rows}.values():
+        sizes = ", ".join(f"{key} {mb:.1f}" for key, mb in r.get("artifact_mb", {}).items())
+        print(f"{r['model']:<20}{r['export']:<27}{sizes}")
     names = list(machine.DEVICES)
     print(f"\ndevice estimate: decode tok/s = device bandwidth / bytes per token x the efficiency measured here\n"
           f"{'model':<20}{'export':<27}{'backend':<12}{'MB/tok':>8}{'effic.':>8}"
@@ -140,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-size", action="store_true",
                         help=f"add {FULL_SIZE_MODEL} (3.79 B, ~7.1 GB built on first use) with --full-size-exports")
     parser.add_argument("--full-size-exports", default=FULL_SIZE_EXPORTS)
+    parser.add_argument("--hybrid-full", action="store_true",
+                        help=f"add {HYBRID_FULL_MODEL} (4.7-1B shapes, 1.30 B, ~2.6 GB built on first use) with "
+                             "--hybrid-full-exports")
+    parser.add_argument("--hybrid-full-exports", default=HYBRID_FULL_EXPORTS)
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "house.png"))
     parser.add_argument("--audio", default=str(Path(__file__).resolve().parents[1] / "examples" / "speech.wav"),
                         help="speech clip for MiniCPM-o exports (their audio step)")
@@ -148,18 +211,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="length of the text-only prompt prefill tok/s is measured on")
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="measure the export directories already in --out instead of exporting again (the "
+                             "rows then have no export time or export RSS)")
     args = parser.parse_args(argv)
     exports, full_exports = args.exports.split(","), args.full_size_exports.split(",")
-    if unknown := sorted(set(exports + full_exports) - set(EXPORTS)):
+    hybrid_full_exports = args.hybrid_full_exports.split(",")
+    if unknown := sorted(set(exports + full_exports + hybrid_full_exports) - set(EXPORTS)):
         parser.error(f"unknown export {unknown[0]} (choose from {', '.join(EXPORTS)})")
     if args.prefill_tokens + 2 > args.max_context:
         parser.error("--prefill-tokens must fit in --max-context")
-    jobs = [(model, name) for model in filter(None, args.models.split(",")) for name in exports]
+    jobs = plan_jobs(list(filter(None, args.models.split(","))), exports)
     jobs += [(FULL_SIZE_MODEL, name) for name in full_exports] if args.full_size else []
+    jobs += plan_jobs([HYBRID_FULL_MODEL], hybrid_full_exports) if args.hybrid_full else []
     before = machine.dram_read_bandwidth()
-    rows = []
+    rows, failures = [], []
     for model, name in tqdm(jobs, desc="bench", unit="export"):
-        rows += bench_export(model, name, args)
+        try:
+            rows += bench_export(model, name, args)
+        except StepFailed as e:  # keep the other jobs' rows: one refusal must not lose an hour of measurements
+            failures.append({"model": model, "export": name, "error": str(e)})
+            print(f"\n{model} {name}: bench step failed: {e}", file=sys.stderr)
     after = machine.dram_read_bandwidth()
     facts = {**machine.machine_facts(), "dram_read_gbs": max(before, after), "dram_read_gbs_before": before,
              "dram_read_gbs_after": after, "reference_dram_read_gbs": machine.REFERENCE_BANDWIDTH_GBS,
@@ -168,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     devices = machine.device_estimates(rows, facts["dram_read_gbs"])
     print_tables(rows, devices, facts, args.prefill_tokens)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench.json").write_text(json.dumps({"machine": facts, "rows": rows,
-                                                           "device_estimates": devices}, indent=2) + "\n")
-    return 0
+    (Path(args.out) / "bench.json").write_text(json.dumps({"machine": facts, "rows": rows, "device_estimates": devices,
+                                                           "failures": failures}, indent=2) + "\n")
+    for f in failures:
+        print(f"FAILED {f['model']} {f['export']}: {f['error'].splitlines()[-1]}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 32, "vocab_size": 512,
          "vision": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}}
+# The scaled-down 4.6 / 4.7 full-size variant: the real 24-layer hybrid layout (every 4th layer full attention, tied
+# head, window merger after vision layer 6), small widths.
+HYBRID_SCALE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 32, "vocab_size": 1024, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+                "vision": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                           "num_hidden_layers": 8}}
 EXPORTS_AHEAD = [("onnx", "tiny-minicpm-v-4", "--quant", "int4-rtn")]  # queued at session start
 LLM_WEIGHT = re.compile(r"(\.(qweight|scales|qzeros)$|norm\.weight$|^llm\.lm_head\.)")
 
@@ -80,6 +89,52 @@ def test_scaled_full_size_checkpoint_is_sharded_and_loads_strictly(tmp_path, mon
     assert round(full_size.parameter_count(cfg) / 1e9, 2) == 3.79
     monkeypatch.setattr(full_size, "ensure_full_size", lambda name: out)
     assert resolve_model("full-minicpm-v-4") == out
+
+
+def test_scaled_hybrid_full_size_checkpoint_is_the_real_layout(tmp_path, monkeypatch):
+    """full-minicpm-v-4.7 through the same code path at small widths: sharded, config.json of transformers' class,
+    the tiny 4.7 tokenizer and processor, loaded strictly by the 4.6 / 4.7 loader (tied head not stored)."""
+    from minicpm import full_size, full_size_hybrid
+    from minicpm.checkpoint import resolve_model
+    from minicpm.v4_6 import HybridCheckpoint
+
+    out = full_size.build_full_size("full-minicpm-v-4.7", tmp_path / "ckpt", scale=HYBRID_SCALE,
+                                    shard_bytes=200_000, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert "lm_head.weight" not in index["weight_map"]  # tied: the hub layout stores the embedding only
+    ckpt = HybridCheckpoint.open(out)
+    assert ckpt.variant.model_type == "minicpmv4_7" and ckpt.config.image_start_id is not None
+    text = ckpt.config.text_config
+    assert text.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 6 and text.tie_word_embeddings
+    model, report = ckpt.load_model("bfloat16")  # strict: no missing, unexpected or mismatched key
+    assert report.loaded == len(index["weight_map"])
+    language = model.model.language_model
+    assert model.lm_head.weight.data_ptr() == language.embed_tokens.weight.data_ptr()
+    assert not language.norm.weight.any() and language.layers[0].linear_attn.norm.weight.eq(1).all()
+    with torch.no_grad():  # numerically sane through all 24 layers in bfloat16
+        logits = model(input_ids=torch.randint(0, 500, (1, 16))).logits.float()
+    assert torch.isfinite(logits).all() and logits.abs().max() < 50
+    assert ckpt.processor.tokenizer.decode([0]) is not None  # the tiny 4.7 tokenizer loads with the processor
+    # the real one: 4.7-1B shapes, 1.30 B stored parameters (4.6 the same layout), resolved by name (not built here)
+    cfg = full_size_hybrid.hybrid_config("minicpmv4_7")
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.vocab_size,
+            cfg.vision_config.num_hidden_layers) == (1024, 24, 248320, 27)
+    assert round(full_size_hybrid.parameter_count("minicpmv4_7") / 1e9, 2) == 1.30
+    assert full_size_hybrid.parameter_count("minicpmv4_6") == full_size_hybrid.parameter_count("minicpmv4_7")
+    monkeypatch.setattr(full_size, "ensure_full_size", lambda name: out)
+    assert resolve_model("full-minicpm-v-4.7") == out
+
+
+def test_hybrid_models_get_only_their_exports(capsys):
+    from runtime import bench
+
+    jobs = bench.plan_jobs(["tiny-minicpm-v-4.6", "tiny-minicpm-v-4"], ["onnx", "executorch", "coreai"])
+    assert jobs == [("tiny-minicpm-v-4.6", "onnx"), ("tiny-minicpm-v-4.6", "executorch"), ("tiny-minicpm-v-4", "onnx"),
+                    ("tiny-minicpm-v-4", "executorch"), ("tiny-minicpm-v-4", "coreai")]
+    assert "tiny-minicpm-v-4.6: skipping coreai" in capsys.readouterr().out
+    assert set(bench.HYBRID_EXPORTS) <= set(bench.EXPORTS) and bench.HYBRID_FULL_MODEL == "full-minicpm-v-4.7"
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from minicpm.errors import UserError
 from minicpm.generation import SamplingConfig, generate
 from minicpm.prompt import Prompt
 from minicpm.split import VisionStep
-from runtime.backends import CoreAIBackend
+from runtime.backends.coreai_backend import CoreAIBackend
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import noise_image

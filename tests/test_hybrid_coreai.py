@@ -1,8 +1,9 @@
-"""Core AI export of MiniCPM-V 4.6 / 4.7 (text so far) with the per-layer state as Core AI state, run through
-`coreai.runtime` on this machine: both functions against the torch step over the session's schedule, the manifest's
-state sections, greedy tokens through the chain against transformers' generate (one turn and two turns, prefill
-chunks 7 and 128: 7 runs the T = 128 function padded, valid_tokens keeping the pads out), the backend owning the
-state (the session holds none), reset, and the refusals. The ExecuTorch hybrid export is not covered yet."""
+"""Core AI export of MiniCPM-V 4.6 / 4.7 with the per-layer state as Core AI state and the one-slice vision step,
+run through `coreai.runtime` on this machine: both LLM functions against the torch step over the session's schedule,
+the vision asset against the torch step, the manifest's state sections, greedy tokens through the chain against
+transformers' generate (text: one turn and two turns, prefill chunks 7 and 128: 7 runs the T = 128 function padded,
+valid_tokens keeping the pads out; a sliced image prompt), the backend owning the state (the session holds none),
+reset, and the refusals. The ExecuTorch hybrid export: tests/test_hybrid_executorch.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from minicpm.generation import SamplingConfig
 from minicpm.hybrid_step import HybridLanguageModelStep
 from runtime.manifest import read_manifest
 from runtime.session import Session
+from tests.conftest import noise_image
+from tests.test_hybrid_images import _generate
 from tests.test_hybrid_onnx import FIRST, SECOND, _reference
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
@@ -64,7 +67,8 @@ def test_manifest_describes_the_state_and_its_owner(exported, hybrid):
     _, model = hybrid(name)
     spec = HybridLanguageModelStep(model, MAX_CONTEXT, CHUNK).spec
     schedule = manifest["schedule"]
-    assert schedule["state"] == spec.to_dict() and "kv_cache" not in schedule and schedule["modalities"] == ["text"]
+    assert schedule["state"] == spec.to_dict() and "kv_cache" not in schedule
+    assert schedule["modalities"] == ["text", "image"]
     note = schedule["coreai"]["state"]
     assert note["owner"] == "backend" and list(note["tensors"]) == spec.names and note["slack_slots"] == CHUNK
     assert note["tensors"]["past_keys"]["shape"][2] == MAX_CONTEXT + CHUNK
@@ -98,6 +102,48 @@ def test_greedy_tokens_equal_transformers_generate(exported, hybrid, name, chunk
     assert a2.token_ids == _reference(ckpt, model, t1.input_ids + a1.token_ids + t2.input_ids, 8)
 
 
+def test_vision_asset_matches_the_torch_step(exported, hybrid):
+    """The manifest's steps.vision is the ONNX export's layout; the asset through the session's backend equals
+    HybridVisionStep within 1e-4 on a source image and a grid cell (each padded to the row)."""
+    from export.onnx_hybrid import vision_facts
+    from minicpm.hybrid_vision import HybridVisionStep, split_slices
+
+    name = NAMES[0]
+    ckpt, model = hybrid(name)
+    manifest = read_manifest(exported(name))
+    step = manifest["schedule"]["steps"]["vision"]
+    torch_step = HybridVisionStep(model, "16x").eval()
+    assert step == {**vision_facts(torch_step, "16x", 1200), "function": "main"}
+    assert manifest["parity"]["vision"] < 1e-4  # measured by the exporter through the runtime
+    assert [t["shape"] for t in manifest["artifacts"]["vision"]["inputs"]] == [[1, 3, 14, 14 * 1200], [1200],
+                                                                               [1200], [1200]]
+    backend = Session(exported(name), "coreai").backend
+    slices = split_slices(ckpt.processor.image_processor([noise_image(300, 900, seed=3)], return_tensors="pt"))
+    for one in (slices[0], slices[-1]):
+        inputs = torch_step.vision_inputs(one, 1200)
+        with torch.no_grad():
+            expected = torch_step(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+        got = backend.vision(**inputs)
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
+        assert np.abs(expected).max() > 1e-2  # not all padding
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_prompt_greedy_tokens_equal_transformers_generate(exported, hybrid, name):
+    """A sliced image (source + 1x2 grid) through the whole Core AI chain: vision per slice, scatter, chunked
+    prefill with the state in the runtime (4.7: canvas positions), decode; against generate with the processor."""
+    from minicpm.v4_6 import prompt_inputs
+
+    ckpt, model = hybrid(name)
+    session = Session(exported(name), "coreai")
+    image = noise_image(640, 480, seed=1)
+    got = session.ask([{"role": "user", "content": [image, "Describe it."]}], SamplingConfig(max_new_tokens=8))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    inputs = dict(prompt_inputs(ckpt.processor, chat, images=[image]))
+    assert got.stats["slices"] == 3 and got.stats["prompt_tokens"] == inputs["input_ids"].shape[1] > CHUNK
+    assert got.token_ids == _generate(ckpt, model, inputs, 8) and len(set(got.token_ids)) > 1
+
+
 def test_reset_gives_a_fresh_conversation(exported):
     session = Session(exported(NAMES[0]), "coreai")
     sampling = SamplingConfig(max_new_tokens=6)
@@ -126,19 +172,12 @@ def test_tampered_asset_is_refused_before_loading(exported, tmp_path, monkeypatc
         Session(copy, "coreai")
 
 
-def test_int4_is_refused_in_one_line(tmp_path):
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    """Refused before anything is loaded or written (int4 itself: tests/test_hybrid_int4.py)."""
     from export.coreai import main  # noqa: PLC0415
 
-    with pytest.raises(UserError, match=r"^--quant int4-rtn: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported") as e:
-        main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "int4-rtn"])
-    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
-
-
-def test_executorch_export_is_refused_until_it_matches(private_cache, monkeypatch):
-    """The hybrid ExecuTorch program still parts from the torch step: refused in one line, before any work."""
-    from export.executorch import main
-
-    monkeypatch.delenv("MINICPM_EXPERIMENTAL_ET_HYBRID", raising=False)
-    with pytest.raises(UserError, match="ExecuTorch exports of MiniCPM-V 4.6 / 4.7 are not available yet") as err:
-        main(["--model", "tiny-minicpm-v-4.6", "--out", "unused"])
-    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"^--lm-head int8 applies to int4 quantisation, not --quant none$"):
+        main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "none", "--lm-head", "int8"])
+    with pytest.raises(UserError, match=r"^--max-patches 1000 must be a multiple of 16"):
+        main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "none", "--max-patches", "1000"])
+    assert not (tmp_path / "x").exists()

@@ -154,7 +154,7 @@ def test_tampered_graph_is_refused_before_loading(exported, tmp_path, monkeypatc
 
 def test_refusals(exported, tmp_path):
     """What an export's schedule does not list is one line: images on a text-only export (modalities without
-    "image"), video on any hybrid export; int4 at export time."""
+    "image"), video on any hybrid export; an int8 head without int4 (int4 itself: tests/test_hybrid_int4.py)."""
     from export.onnx import main  # noqa: PLC0415
 
     session = Session(exported(NAMES[0]), "onnxruntime")
@@ -166,6 +166,6 @@ def test_refusals(exported, tmp_path):
     with pytest.raises(UserError, match=r"^this minicpm-v-4.6 export takes text only: image input") as e:
         session.ask([{"role": "user", "content": [noise_image(64, 64), "What is this?"]}], SamplingConfig())
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match=r"^--quant int4-rtn: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported"):
-        main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "int4-rtn"])
+    with pytest.raises(UserError, match=r"^--lm-head int8 applies to int4 quantisation, not --quant none$"):
+        main(["--model", NAMES[0], "--out", str(tmp_path / "x"), "--quant", "none", "--lm-head", "int8"])
     assert not (tmp_path / "x").exists()

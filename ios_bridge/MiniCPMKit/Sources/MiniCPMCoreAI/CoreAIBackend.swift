@@ -1,4 +1,4 @@
-// The Core AI backend of MiniCPMKit (runtime/backends.py CoreAIBackend, call for call): `vision.aimodel`'s `main`
+// The Core AI backend of MiniCPMKit (runtime/backends/coreai_backend.py CoreAIBackend, call for call): `vision.aimodel`'s `main`
 // one slice per call (its `video` function one frame group per call), `llm.aimodel`'s `prefill` / `decode` with
 // the KV cache as the functions' states, one set of state arrays per conversation shared by both functions.
 // Thin on purpose: every testable decision lives in MiniCPMKit's Session. Core AI exists on iOS / macOS 27+ only;

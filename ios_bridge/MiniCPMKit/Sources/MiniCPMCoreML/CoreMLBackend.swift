@@ -1,4 +1,4 @@
-// The Core ML backend of MiniCPMKit (runtime/backends.py CoreMLBackend, call for call): `vision.mlpackage` one slice
+// The Core ML backend of MiniCPMKit (runtime/backends/coreml_backend.py CoreMLBackend, call for call): `vision.mlpackage` one slice
 // per call (its `video` function one frame group per call), `llm.mlpackage`'s `prefill` / `decode` functions sharing
 // one MLState per conversation. Thin on purpose: every testable decision lives in MiniCPMKit's Session.
 #if canImport(CoreML)

@@ -1,4 +1,4 @@
-// The backend call contract of runtime/backends.py: a backend runs the graphs of the split (vision, video, llm);
+// The backend call contract of runtime/backends/__init__.py: a backend runs the graphs of the split (vision, video, llm);
 // everything else (the schedule) is host code in `Session`.
 import Foundation
 
@@ -88,7 +88,7 @@ public struct LLMOutputs: Sendable {
     }
 }
 
-/// Runs the exported graphs (runtime/backends.py). Float inputs arrive as `Float`; a backend of a float16
+/// Runs the exported graphs (runtime/backends/__init__.py). Float inputs arrive as `Float`; a backend of a float16
 /// export converts them (the session has already rounded them to float16 values). The graph calls are async, as
 /// Core ML's and Core AI's predictions are; a backend is a reference type the session calls from its actor, one
 /// call at a time.

@@ -1,0 +1,116 @@
+"""Where `export.executorch` gets its model: as little resident memory as a multi-method lowering allows.
+
+    model = resident_model(ckpt, args)   # .model, .quant, .facts (install_records'), .table() for token_embedding.bin
+
+ExecuTorch lowers every method of a program in one `to_edge_transform_and_lower` call, so, unlike export.onnx
+(one part at a time, export/onnx_weights.py), every method's weights are resident together. They are made small:
+- `--quant int4-rtn` or `none` on a checkpoint: the model starts on the meta device (minicpm.lazy_model); each
+  planned Linear is read in its stored dtype, quantised alone (`StreamedWeights.quantize`, rtn_quantize's codes
+  from the same float32 values) and installed at once as the torchao weight the program is traced from
+  (`install_records`: int8 codes, 1 byte per weight instead of float32's 4); the rest (vision, audio, norms, a
+  float head) is read as float32. No float32 copy of the LLM is ever held.
+- the token embedding table is not read into the model: no method of the program uses it (the host reads
+  `token_embedding.bin`, written from the checkpoint block by block), unless a tied float head needs it.
+- AWQ (it calibrates on the whole float model) and quantised checkpoint directories: the whole float32 model
+  (`prepare_model`), as before.
+Codes and scales are the same either way, so the programs are too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.executorch import install_records, prepare_model
+from export.onnx_weights import EMBEDDING, StreamedWeights, memory_note
+from export.quantization import Quantization
+from minicpm.checkpoint import TIED_HEAD, Checkpoint
+from minicpm.lazy_model import return_freed_memory
+from minicpm.modeling import MiniCPMV
+from minicpm.split import token_embedding_table
+
+
+@dataclass
+class ResidentModel:
+    model: MiniCPMV  # what the methods are traced from (its embedding table may be left on the meta device)
+    quant: Quantization
+    facts: dict  # install_records' manifest facts ({} without records)
+    table: Callable[[], torch.Tensor]  # the token embedding table, for token_embedding.bin
+
+
+def resident_model(ckpt: Checkpoint, args: argparse.Namespace) -> ResidentModel:
+    """The model for `args` (export.executorch's arguments): streamed where nothing needs the whole float model."""
+    directory = (ckpt.path / "quant_config.json").is_file()
+    if directory or args.quant == "int4-awq":
+        model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head,
+                                            args.samples, args.calib, args.quantize_audio or None)
+        return ResidentModel(model, quant, facts, lambda: token_embedding_table(model))
+    return _streamed(ckpt, args)
+
+
+def _streamed(ckpt: Checkpoint, args: argparse.Namespace) -> ResidentModel:
+    # XNNPACK's int4 has no zero points: symmetric records, as prepare_model asks quantized_model for
+    weights = StreamedWeights(ckpt, argparse.Namespace(**{**vars(args), "symmetric": True, "accuracy_level": 0}),
+                              torch.float32, audio_level=0)
+    model, lazy = weights.model, weights.lazy
+    tied_float_head = model.config.llm.tie_word_embeddings and "llm.lm_head" not in weights.kinds
+    skip = {f"{n}.weight" for n in weights.kinds} | ({TIED_HEAD} if tied_float_head else {EMBEDDING})
+    lazy.materialize(("",), skip=skip)
+    if tied_float_head:  # one tensor for the table and the head, as load_model ties them
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    xnnpack = args.backend == "xnnpack"
+    facts: dict = {}
+    start = time.perf_counter()
+    for name, kind in weights.kinds.items():
+        record = weights.quantize(name, kind)
+        record.check(name)
+        installed = install_records(model, {name: record}, activations_int8=xnnpack, bf16_scales=xnnpack)
+        rounding = max(facts.get("max_scale_rounding", 0.0), installed["max_scale_rounding"])
+        facts = {**installed, "max_scale_rounding": rounding}
+        del record  # its uint8 codes: the installed weight holds its own int8 copy
+    weights.quant.seconds += time.perf_counter() - start
+    model.eval().requires_grad_(False)
+    collect()
+    table = (lambda: model.llm.model.embed_tokens.weight.detach()) if tied_float_head else weights.embedding_table
+    return ResidentModel(model, weights.quant, facts, table)
+
+
+def collect() -> None:
+    """Free what the exporters no longer reference: their graphs hold reference cycles, and glibc keeps freed
+    pages unless asked to return them."""
+    gc.collect()
+    return_freed_memory()
+
+
+def release_weights(*modules: torch.nn.Module) -> None:
+    """Put every parameter and buffer of `modules` on the meta device (shape and dtype kept, for the manifest):
+    once traced, the exported programs hold the only references the lowering needs, and dropping those frees
+    the weights."""
+    for module in modules:
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for name, value in store.items():
+                    if value is not None and value.device.type != "meta":
+                        meta = torch.empty(value.shape, dtype=value.dtype, device="meta")
+                        store[name] = torch.nn.Parameter(meta, requires_grad=False) \
+                            if isinstance(value, torch.nn.Parameter) else meta
+    collect()
+
+
+def phase_memory() -> str:
+    """Resident memory now and its peak since the last call (the kernel's high-water mark, reset after reading),
+    so each phase of the export reports its own peak."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:  # no /proc (macOS)
+        return memory_note()
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")
+           or line.startswith("VmHWM")}
+    return f"RSS {kib['VmRSS'] / 2**20:.1f} GiB, phase peak {kib['VmHWM'] / 2**20:.1f} GiB"
