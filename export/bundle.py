@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import fcntl
 import glob
+import logging
 import os
 import re
 import shutil
@@ -153,6 +154,21 @@ def copy_model_files(ckpt: Checkpoint, dest: Path, names: list[str] = MODEL_FILE
             shutil.copy(src, dest / name)
             copied.append(file_entry(dest, name))
     return copied
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """The named loggers at ERROR for a block: the converters' progress chatter (our progress bar says what is
+    happening)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 TABLE_ROWS = 4096  # rows checked / converted at a time, so a 752 MB table never has a second full copy

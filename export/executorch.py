@@ -93,11 +93,12 @@ from export.bundle import (
     check_export_arguments,
     copy_model_files,
     file_entry,
+    quiet_loggers,
     staged_directory,
     video_example,
     write_embedding_table,
 )
-from export.executorch_lowering import delegation, lower_each, method_bytes, quiet_loggers
+from export.executorch_lowering import LOGGERS, delegation, lower_each, method_bytes
 from export.executorch_modules import (
     AUDIO_INPUTS,
     DECODER_INPUTS,
@@ -243,7 +244,7 @@ def export_methods(methods: dict[str, Method], undecomposed: tuple[str, ...] = (
     """torch.export each method, decomposed with the tanh GELU spelled out; the methods named in `undecomposed` are
     left to lowering's own decomposition, which keeps whole what the partitioner takes (linear: no mm + permute)."""
     programs = {}
-    with torch.no_grad(), warnings.catch_warnings(), quiet_loggers():
+    with torch.no_grad(), warnings.catch_warnings(), quiet_loggers(*LOGGERS):
         warnings.simplefilter("ignore")
         for name, method in methods.items():
             program = torch.export.export(method.module, method.example, dynamic_shapes=method.dynamic, strict=False)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import warnings
 
 import torch
 
+from export.bundle import quiet_loggers
 from export.executorch_modules import METHODS
 from minicpm.lazy_model import return_freed_memory
 
+# the exporters' loggers whose progress chatter our progress bar replaces
+LOGGERS = ("torch.export", "torch._dynamo", "torch._export", "executorch", "coremltools", "torchao", "root")
 LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")  # edge node names
 
 
@@ -53,7 +55,7 @@ def lower(programs: dict, backend: str, metadata: dict, dtype: torch.dtype, tran
 
     # coremltools draws a progress bar per pass and partition: noise here, the summary says what happened.
     chatter = contextlib.redirect_stderr(io.StringIO()) if backend == "coreml" else contextlib.nullcontext()
-    with warnings.catch_warnings(), quiet_loggers(), chatter:
+    with warnings.catch_warnings(), quiet_loggers(*LOGGERS), chatter:
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(programs, transform_passes=list(transform_passes) or None,
                                            partitioner=partitioners(backend, dtype, list(programs)),
@@ -84,7 +86,7 @@ def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype)
     config = EdgeCompileConfig(_check_ir_validity=False)
     lowered = {}
     chatter = contextlib.redirect_stderr(io.StringIO()) if backend == "coreml" else contextlib.nullcontext()
-    with warnings.catch_warnings(), quiet_loggers(), chatter:
+    with warnings.catch_warnings(), quiet_loggers(*LOGGERS), chatter:
         warnings.simplefilter("ignore")
         for name in list(programs):
             edge = to_edge_transform_and_lower({name: programs.pop(name)}, compile_config=config,
@@ -166,18 +168,3 @@ def method_bytes(edge) -> dict[str, int]:
                 total += value.nbytes if isinstance(value, torch.Tensor) else 0
         out[name] = total + sum(named.values())
     return out
-
-
-class quiet_loggers:
-    """Silence the exporters' progress chatter (our own progress bar says what is happening)."""
-
-    def __enter__(self):
-        names = ("torch.export", "torch._dynamo", "torch._export", "executorch", "coremltools", "torchao", "root")
-        self.loggers = [logging.getLogger(n) for n in names]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self.loggers, self.levels, strict=True):
-            lg.setLevel(level)

@@ -33,7 +33,6 @@ Whisper encoder's quantised Linears become MatMulNBits nodes of audio.onnx the s
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +51,7 @@ from export.bundle import (
     file_entry,
     max_abs_error,
     print_summary,
+    quiet_loggers,
     staged_directory,
     video_example,
     write_embedding_table,
@@ -74,12 +74,16 @@ AUDIO_IO = (["mel", "conv_mask", "position_ids", "attention_mask", "past_keys", 
 AUDIO_ACCURACY_LEVEL = 0  # int4 audio encoder: float compute (see the module docstring)
 
 
+# the exporter's loggers whose progress chatter our progress bar replaces
+LOGGERS = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo", "onnxscript")
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
             dynamic_shapes: tuple, rename: dict[str, str] | None = None) -> None:
     """Trace `module` to `path` (+ external data); `rename` maps initializer names to the ones to store."""
     import onnx  # noqa: PLC0415
 
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet_loggers(*LOGGERS):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=names[0],
                           output_names=names[1], dynamic_shapes=dynamic_shapes, external_data=True,
@@ -90,22 +94,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[
     if rename:
         matmul_nbits.rename_initializers(model, rename)
     onnx.save(model, str(path))
-
-
-class _quiet:
-    """Silence the exporter's progress chatter (our own progress bar says what is happening)."""
-
-    def __enter__(self):
-        names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo",
-                 "onnxscript")
-        self.loggers = [logging.getLogger(n) for n in names]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self.loggers, self.levels, strict=True):
-            lg.setLevel(level)
 
 
 def _io_spec(path: Path) -> tuple[list[dict], list[dict]]:

@@ -23,6 +23,7 @@ from quant.layout import KEPT_FLOAT
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import noise_image
+from tests.test_coreml import _program, _tensors
 from tests.test_hybrid_images import _generate
 
 ct = pytest.importorskip("coremltools")
@@ -58,26 +59,6 @@ def quantized() -> tuple:
 def _op_name(record: str) -> str:
     """Record `model.language_model.layers.0.mlp.up_proj` -> converted weight `p_step_layers_0_mlp_up_proj_weight`."""
     return "p_" + ("step." + record.removeprefix("model.language_model.")).replace(".", "_") + "_weight"
-
-
-def _tensors(features, kind: str = "multiArrayType") -> dict[str, tuple[tuple[int, ...], str]]:
-    from coremltools.proto import FeatureTypes_pb2
-
-    names = {v: k for k, v in FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.items()}
-    out = {}
-    for f in features:
-        array = f.type.stateType.arrayType if kind == "state" else f.type.multiArrayType
-        out[f.name] = (tuple(int(d) for d in array.shape), names[array.dataType])
-    return out
-
-
-def _program(path: Path):
-    """The MIL program of a saved package, weights read back from its blob file."""
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    model = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = model.get_spec()
-    return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
 def _state_shapes(model) -> dict[str, tuple[tuple[int, ...], str]]:
