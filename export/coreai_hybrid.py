@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from export.bundle import (
     build_hybrid_manifest,
-    check_export_arguments,
     copy_model_files,
     max_abs_error,
     print_summary,
@@ -56,7 +55,7 @@ from export.onnx_hybrid import (
     HYBRID_FILES,
     VISION_IO,
     check_hybrid_arguments,
-    default_max_patches,
+    open_hybrid,
     vision_examples,
     vision_facts,
 )
@@ -136,13 +135,10 @@ def export_hybrid(args: argparse.Namespace) -> int:
         tree_size,
     )
 
-    check_hybrid_arguments(args, int4=True)
+    check_hybrid_arguments(args)
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     dtype_name = "float16" if dtype == torch.float16 else "float32"
-    ckpt = HybridCheckpoint.open(args.model)
-    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
-        args.max_patches = default_max_patches(ckpt)
-    check_export_arguments(args)
+    ckpt = open_hybrid(args)
     # int4 / int8 records from quant/ written as ui4 / ui8 codes, as export.coreai does for the older models
     model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples, args.calib)
     install_records(model, records, torch.float32)  # checked against the float32 weights, then cast with the model

@@ -56,7 +56,6 @@ from tqdm import tqdm
 
 from export.bundle import (
     build_hybrid_manifest,
-    check_export_arguments,
     copy_model_files,
     max_abs_error,
     print_summary,
@@ -80,7 +79,7 @@ from export.onnx_hybrid import (
     HYBRID_FILES,
     VISION_IO,
     check_hybrid_arguments,
-    default_max_patches,
+    open_hybrid,
     vision_examples,
     vision_facts,
 )
@@ -312,12 +311,9 @@ def export_hybrid(args: argparse.Namespace) -> int:
         prepare_model,
     )
 
-    check_hybrid_arguments(args, int4=True)
+    check_hybrid_arguments(args)
     ct = import_coremltools()
-    ckpt = HybridCheckpoint.open(args.model)
-    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
-        args.max_patches = default_max_patches(ckpt)
-    check_export_arguments(args)
+    ckpt = open_hybrid(args)
     # Quantising (AWQ shows its own progress) comes before the progress bar, as in export.coreml. The model is float32
     # with the records' dequantised weights installed: traced in float32, the converter casts to fp16 itself.
     model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,

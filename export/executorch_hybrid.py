@@ -59,7 +59,6 @@ from tqdm import tqdm
 
 from export.bundle import (
     build_hybrid_manifest,
-    check_export_arguments,
     copy_model_files,
     file_entry,
     max_abs_error,
@@ -70,7 +69,7 @@ from export.onnx_hybrid import (
     HYBRID_FILES,
     VISION_IO,
     check_hybrid_arguments,
-    default_max_patches,
+    open_hybrid,
     vision_examples,
     vision_facts,
 )
@@ -78,7 +77,6 @@ from export.stateful_hybrid import STEP_INPUTS, StatefulHybridStep, example_inpu
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep
 from minicpm.hybrid_vision import HybridVisionStep
-from minicpm.v4_6 import HybridCheckpoint
 from runtime.manifest import write_manifest
 
 PROGRAM = "model.pte"
@@ -221,13 +219,10 @@ def export_hybrid(args: argparse.Namespace) -> int:
     from export.executorch import export_methods, metadata_methods, prepare_model  # noqa: PLC0415
     from export.executorch_lowering import delegation, lower  # noqa: PLC0415
 
-    check_hybrid_arguments(args, int4=True)
+    check_hybrid_arguments(args)
     if args.backend != "xnnpack":
         raise UserError(f"--backend {args.backend}: MiniCPM-V 4.6 / 4.7 ExecuTorch exports are XNNPACK only for now")
-    ckpt = HybridCheckpoint.open(args.model)
-    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
-        args.max_patches = default_max_patches(ckpt)
-    check_export_arguments(args)
+    ckpt = open_hybrid(args)
     # the older models' path: symmetric records (a directory's own, or quantised now, AWQ showing its own progress)
     # installed as torchao 8da4w weights; asymmetric directories are refused in one line
     model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,

@@ -246,33 +246,36 @@ def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dt
     return _artifact(out, path), error, vision_facts(step, mode, max_patches)
 
 
-def check_hybrid_arguments(args: argparse.Namespace, int4: bool = False) -> None:
-    """What a hybrid export cannot do, refused in one line before anything is loaded. `int4`: the format writes the
-    int4 records (ONNX; the rest of --quant's options are then checked by export.quantization.quantized_model)."""
+def check_hybrid_arguments(args: argparse.Namespace) -> None:
+    """What a hybrid export cannot do, refused in one line before anything is loaded (the rest of --quant's options
+    are checked by export.quantization.quantized_model)."""
     quant = getattr(args, "quant", None)
-    if not int4 and quant not in (None, "none"):
-        raise UserError(f"--quant {quant}: int4 for MiniCPM-V 4.6 / 4.7 is not yet supported by this format (ONNX "
-                        "has it); export with --quant none")
     if getattr(args, "quantize_audio", False):
         raise UserError("--quantize-audio applies to MiniCPM-o exports (MiniCPM-V 4.6 / 4.7 have no audio encoder)")
-    if getattr(args, "lm_head", None) not in (None, "keep") and (not int4 or quant == "none"):
-        raise UserError("--lm-head int8 applies to int4 quantisation" + (", not --quant none" if int4 else
-                                                                          " (ONNX has it for MiniCPM-V 4.6 / 4.7)"))
-    if int4 and getattr(args, "symmetric", False) and quant == "none":
+    if getattr(args, "lm_head", None) not in (None, "keep") and quant == "none":
+        raise UserError("--lm-head int8 applies to int4 quantisation, not --quant none")
+    if getattr(args, "symmetric", False) and quant == "none":
         raise UserError("--symmetric applies to int4 quantisation, not --quant none")
-    if int4 and args.samples < 1:
+    if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+
+
+def open_hybrid(args: argparse.Namespace) -> HybridCheckpoint:
+    """The checkpoint of a hybrid export, with --max-patches defaulting to its processor's bound (not the older
+    models' default) and the export arguments checked against it."""
+    ckpt = HybridCheckpoint.open(args.model)
+    if args.max_patches is None:
+        args.max_patches = default_max_patches(ckpt)
+    check_export_arguments(args)
+    return ckpt
 
 
 def export_hybrid(args: argparse.Namespace) -> int:
     """The whole export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.onnx, not yet checked:
     --max-patches defaults to the checkpoint's processor bound here)."""
-    check_hybrid_arguments(args, int4=True)
+    check_hybrid_arguments(args)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    ckpt = HybridCheckpoint.open(args.model)
-    if args.max_patches is None:  # not given: the processor's own bound rather than the older models' default
-        args.max_patches = default_max_patches(ckpt)
-    check_export_arguments(args)
+    ckpt = open_hybrid(args)
     # Quantising (AWQ shows its own progress) comes before the progress bar, as in export.onnx.
     model, records, quant = quantized_model(ckpt, args.quant, args.group_size, args.symmetric or None, args.lm_head,
                                             args.samples, args.calib)
