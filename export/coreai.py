@@ -53,6 +53,7 @@ import gc
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,13 @@ from export.bundle import (
 )
 from export.coreai_asset import AssetRunner, export_program, import_coreai, save_asset
 from export.coreai_audio import coreai_audio_state, export_audio, free_audio_weights
+from export.onnx_weights import StreamedWeights
 from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, quantized_model
 from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
 from minicpm.errors import UserError
 from minicpm.modeling import MiniCPMV
-from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep
+from minicpm.split import LanguageModelStep, VideoGroupStep, VisionStep, token_embedding_table
 from runtime.cli import run
 from runtime.manifest import sha256_tree, write_manifest
 
@@ -155,19 +157,27 @@ def transpose_linears(model: nn.Module) -> int:
 def install_records(model: MiniCPMV, records: dict, dtype: torch.dtype) -> int:
     """Replace every recorded Linear by a `BlockwiseLinear` of its record (checked against the model's weight,
     which quantized_model installed as the record's dequantised values). Returns the number replaced."""
-    import_coreai()  # registers torch.ops.coreai.constexpr_blockwise_shift_scale
     for name, record in records.items():
         record.check(name)
-        parent_name, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise UserError(f"quantisation record {name} is a {type(linear).__name__}; Core AI int4/int8 weights "
-                            "are written for Linear layers only")
-        if tuple(linear.weight.shape) != record.shape or \
-                not torch.equal(linear.weight.detach().float(), record.dequantize(torch.float32)):
+        if isinstance(linear, nn.Linear) and (tuple(linear.weight.shape) != record.shape or
+                                              not torch.equal(linear.weight.detach().float(),
+                                                              record.dequantize(torch.float32))):
             raise UserError(f"quantisation record {name} does not match the model's weight")
-        setattr(model.get_submodule(parent_name), child, BlockwiseLinear(linear, record, dtype))
+        install_record(model, name, record, dtype)
     return len(records)
+
+
+def install_record(model: MiniCPMV, name: str, record, dtype: torch.dtype) -> None:
+    """The Linear `name` becomes the `BlockwiseLinear` of `record` (its own weight is not read: it may be on the
+    meta device, export.onnx_weights.StreamedWeights.load_whole)."""
+    import_coreai()  # registers torch.ops.coreai.constexpr_blockwise_shift_scale
+    parent_name, _, child = name.rpartition(".")
+    linear = model.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise UserError(f"quantisation record {name} is a {type(linear).__name__}; Core AI int4/int8 weights "
+                        "are written for Linear layers only")
+    setattr(model.get_submodule(parent_name), child, BlockwiseLinear(linear, record, dtype))
 
 
 class StatefulLanguageModel(nn.Module):
@@ -358,6 +368,27 @@ def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | 
                            quantize_audio=quantize_audio)
 
 
+def load_model(ckpt: Checkpoint, args: argparse.Namespace, dtype: torch.dtype
+               ) -> tuple[MiniCPMV, Quantization, Callable[[], torch.Tensor]]:
+    """The model in `dtype` with its records installed as `BlockwiseLinear`s, its Quantization, and the token
+    embedding table for token_embedding.bin. `--quant int4-rtn` or `none` on a checkpoint streams it
+    (export.onnx_weights.StreamedWeights.load_whole: each Linear quantised alone from its stored weight, no float
+    copy of the LLM, the table left in the checkpoint), which is what lets a full-size model export within memory;
+    AWQ (it calibrates on the whole float model) and quantised directories load the whole float32 model
+    (`prepare_model`). Same codes and scales either way, so the same assets."""
+    if (ckpt.path / "quant_config.json").is_file() or args.quant in (None, "int4-awq"):
+        model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
+                                              args.calib, args.quantize_audio or None)
+        install_records(model, records, torch.float32)  # checked against the float32 weights, then cast
+        model.to(dtype)
+        return model, quant, lambda: token_embedding_table(model)
+    weights = StreamedWeights(ckpt, argparse.Namespace(**vars(args), symmetric=False, accuracy_level=0), dtype,
+                              audio_level=0)
+    weights.load_whole(lambda name, record: install_record(weights.model, name, record, dtype))
+    weights.model.eval()
+    return weights.model, weights.quant, weights.embedding_table
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.coreai", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,12 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = "float16" if args.precision == "fp16" else "float32"
     # Loading and quantising come first: a bad model or a conflicting --quant is one line on stderr.
     ckpt = Checkpoint.open(args.model)
-    model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples, args.calib,
-                                          args.quantize_audio or None)
-    install_records(model, records, torch.float32)  # checked against the float32 weights, then cast with the model
-    del records
+    model, quant, table = load_model(ckpt, args, dtype)
     transpose_linears(model)
-    model.to(dtype)
     progress = tqdm(total=5, desc="export.coreai", unit="step")
     rows, parity, artifacts = [], {}, {}
     with staged_directory(args.out) as out:
@@ -428,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
         progress.set_postfix_str("embedding table, tokenizer")
         t = time.perf_counter()
-        artifacts["token_embedding"] = write_embedding_table(model, out, dtype)
+        artifacts["token_embedding"] = write_embedding_table(None, out, dtype, table())
         rows.append(("token_embedding.bin", artifacts["token_embedding"]["size"], None, time.perf_counter() - t))
         files = copy_model_files(ckpt, out)
         progress.update()

@@ -16,12 +16,17 @@ step and the LLM step, whose per-layer state lives in mutable buffers shared by 
 - the state as mutable buffers under the `StateSpec` names: `past_keys` / `past_values` [L_full, kv_heads, C + S,
   head_dim] (S = prefill-chunk slack slots), `conv_state`, `recurrent_state` (float32), written in place after the
   step (one `index_copy_` of each whole KV buffer, `copy_` of the conv / recurrent state). Programs are written
-  with `MemoryPlanningPass(share_mutable_buffers=True)` (export.executorch.lower): both methods read and write
-  the same memory, so a conversation runs prefill and decode calls on one state; `emit_mutable_buffer_names` lets
-  the backend zero the buffers by name (reset).
-- `token_embedding(input_ids [1,T]) -> [1,T,H]` (the host reads `token_embedding.bin`, as for every format) and
-  the runner's constant methods (`get_max_seq_len` = the prefill chunk, `get_max_context_len`, `get_bos_id`,
-  `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape` = false).
+  with `MemoryPlanningPass(share_mutable_buffers=True)` (export.executorch_lowering.lower_each): both methods read
+  and write the same memory, so a conversation runs prefill and decode calls on one state;
+  `emit_mutable_buffer_names` lets the backend zero the buffers by name (reset).
+- the runner's constant methods (`get_max_seq_len` = the prefill chunk, `get_max_context_len`, `get_bos_id`,
+  `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape` = false). No `token_embedding` method: the host reads
+  `token_embedding.bin`, as for every format, and a method would store the table a second time (1 GB in float32
+  for a 248k-row 4.7-1B table).
+
+Memory: the torch modules' weights go to the meta device once traced (the parity references computed first), and
+the methods are lowered one at a time, each method's traced weights dropped once its delegates hold their copy
+(export.executorch_lowering.lower_each), so the whole float model is never held next to all its lowered copies.
 
 Lowering: every op XNNPACK takes is delegated, after two edge passes that remove what cut the graph into many
 small subgraphs (XNNPACK preprocesses each one through ~17 graph passes: the export time grows with their count).
@@ -54,7 +59,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from export.bundle import (
@@ -73,6 +77,7 @@ from export.onnx_hybrid import (
     vision_examples,
     vision_facts,
 )
+from export.onnx_weights import MemoryStatus
 from export.stateful_hybrid import STEP_INPUTS, StatefulHybridStep, example_inputs, schedule_calls, state_description
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep
@@ -83,17 +88,6 @@ PROGRAM = "model.pte"
 VISION_METHOD = "vision_encoder"
 FLOAT_TOLERANCE = 1e-4  # max |error| of a float32 method against its torch module
 QUANT_TOLERANCE = 0.5  # of an 8da4w step method against its eager torchao step (tests/test_executorch.py's bound)
-
-
-class TokenEmbedding(nn.Module):
-    """`token_embedding`: input_ids [1,T] int64 -> raw embeddings [1,T,H] (transformers' own embedding module)."""
-
-    def __init__(self, embedding: nn.Module):
-        super().__init__()
-        self.embedding = embedding
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)
 
 
 def decoder_methods(chunk: int) -> dict[str, int]:
@@ -150,25 +144,28 @@ def mean_as_pooling(graph_module: torch.fx.GraphModule):
     return PassResult(graph_module, changed)
 
 
-def build_methods(model: nn.Module, wrapper: StatefulHybridStep, vision: HybridVisionStep, vision_example: tuple,
-                  chunk: int, max_context: int) -> dict:
-    """export.executorch `Method`s: the vision step (static), the embedding (dynamic length) and the decoder
-    methods (static T)."""
+def build_methods(wrapper: StatefulHybridStep, vision: HybridVisionStep, vision_example: tuple, chunk: int) -> dict:
+    """export.executorch `Method`s: the vision step and the decoder methods (all static)."""
     from export.executorch import Method  # noqa: PLC0415 (export.executorch dispatches to this module)
 
-    ids = torch.export.Dim("ids", min=1, max=max_context)
-    methods = {VISION_METHOD: Method(vision, vision_example),
-               "token_embedding": Method(TokenEmbedding(model.get_input_embeddings()).eval(),
-                                         (torch.tensor([[1, 2, 3]]),), ({1: ids},))}
+    methods = {VISION_METHOD: Method(vision, vision_example)}
     for name, tokens in decoder_methods(chunk).items():  # one module: the methods share its buffers
         methods[name] = Method(wrapper, example_inputs(wrapper.step, tokens, torch.float32))
     return methods
 
 
 @torch.no_grad()
-def parity(path: Path, methods: dict, reference: HybridLanguageModelStep, chunk: int, vision_inputs: list[tuple]
-           ) -> dict[str, float]:
-    """Max |error| of each method against its torch module (see the module docstring)."""
+def parity_cases(reference: HybridLanguageModelStep, vision: HybridVisionStep, chunk: int, vision_inputs: list[tuple]
+                 ) -> dict:
+    """What `parity` compares the program with, computed while the torch modules still hold their weights: the
+    session's calls (export.stateful_hybrid.schedule_calls) with their expected logits, every slice of the test
+    photo with its features."""
+    return {"calls": schedule_calls(reference, chunk, torch.float32),
+            "vision": [(args, vision(*args)) for args in vision_inputs]}
+
+
+def parity(path: Path, cases: dict, state_names: list[str], chunk: int) -> dict[str, float]:
+    """Max |error| of each method against its torch module (`parity_cases`; see the module docstring)."""
     from export.executorch_parity import load_program  # noqa: PLC0415
     from runtime.backends.call_shapes import strided_tensor  # noqa: PLC0415
 
@@ -176,103 +173,117 @@ def parity(path: Path, methods: dict, reference: HybridLanguageModelStep, chunk:
     names = decoder_methods(chunk)
     loaded = {name: program.load_method(name) for name in names}
     by_tokens = {tokens: name for name, tokens in names.items()}
-    buffers = [loaded["text_decoder"]._method.get_attribute(n) for n in reference.spec.names]
+    buffers = [loaded["text_decoder"]._method.get_attribute(n) for n in state_names]
     errors = dict.fromkeys(loaded, 0.0)
-    for conversation in schedule_calls(reference, chunk, torch.float32):
+    for conversation in cases["calls"]:
         for buffer in buffers:  # a fresh conversation: the shared buffers zeroed through one method
             buffer.zero_()
         for tokens, inputs, expected in conversation:
             name = by_tokens[tokens]
             got = loaded[name].execute([strided_tensor(inputs[n].numpy()) for n in STEP_INPUTS])[0]
             errors[name] = max(errors[name], max_abs_error(got, expected))
-    vision, step = program.load_method(VISION_METHOD), methods[VISION_METHOD].module
-    errors[VISION_METHOD] = max(max_abs_error(vision.execute(list(args))[0], step(*args)) for args in vision_inputs)
-    embedding = methods["token_embedding"].module
-    ids = torch.tensor([[0, 5, 1, embedding.embedding.num_embeddings - 1]])
-    errors["token_embedding"] = max_abs_error(program.load_method("token_embedding").execute([ids])[0], embedding(ids))
+    vision = program.load_method(VISION_METHOD)
+    errors[VISION_METHOD] = max(max_abs_error(vision.execute(list(args))[0], features)
+                                for args, features in cases["vision"])
     return errors
 
 
-def method_specs(methods: dict, reference: HybridLanguageModelStep, chunk: int, delegated: dict) -> dict:
-    """The manifest's `artifacts.program.methods`: each method's inputs, outputs and delegation."""
+def method_specs(methods: dict, reference: HybridLanguageModelStep, chunk: int, features: torch.Tensor) -> dict:
+    """The manifest's `artifacts.program.methods`: each method's inputs and outputs (delegation added after
+    lowering)."""
     def tensors(names: list[str], example: tuple) -> list[dict]:
         return [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
                 for n, x in zip(names, example, strict=True)]
 
-    vocab, hidden = reference.config.vocab_size, reference.config.hidden_size
+    vocab = reference.config.vocab_size
     specs = {name: {"inputs": tensors(STEP_INPUTS, methods[name].example),
                     "outputs": [{"name": "logits", "shape": [1, vocab], "dtype": "float32"}]}
              for name in decoder_methods(chunk)}
-    vision = methods[VISION_METHOD]
-    with torch.no_grad():
-        features = vision.module(*vision.example)
-    specs[VISION_METHOD] = {"inputs": tensors(VISION_IO[0], vision.example),
+    specs[VISION_METHOD] = {"inputs": tensors(VISION_IO[0], methods[VISION_METHOD].example),
                             "outputs": tensors(VISION_IO[1], (features,))}
-    specs["token_embedding"] = {"inputs": [{"name": "input_ids", "shape": [1, "ids"], "dtype": "int64"}],
-                                "outputs": [{"name": "embeddings", "shape": [1, "ids", hidden], "dtype": "float32"}]}
-    return {name: {**spec, "delegation": delegated[name]} for name, spec in specs.items()}
+    return specs
 
 
 def export_hybrid(args: argparse.Namespace) -> int:
     """The whole ExecuTorch export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.executorch, not yet
     checked: --max-patches defaults to the checkpoint's processor bound here)."""
     from export.executorch import export_methods, metadata_methods, prepare_model  # noqa: PLC0415
-    from export.executorch_lowering import delegation, lower  # noqa: PLC0415
+    from export.executorch_lowering import delegation, lower_each, method_bytes  # noqa: PLC0415
+    from export.executorch_weights import collect, phase_memory, release_weights  # noqa: PLC0415
 
     check_hybrid_arguments(args)
     if args.backend != "xnnpack":
         raise UserError(f"--backend {args.backend}: MiniCPM-V 4.6 / 4.7 ExecuTorch exports are XNNPACK only for now")
+    seconds, memory = {}, {}
+    t = time.perf_counter()
     ckpt = open_hybrid(args)
     # the older models' path: symmetric records (a directory's own, or quantised now, AWQ showing its own progress)
     # installed as torchao 8da4w weights; asymmetric directories are refused in one line
     model, quant, facts = prepare_model(ckpt, args.quant, args.group_size, args.backend, args.lm_head, args.samples,
                                         args.calib)
     model.requires_grad_(False)  # in-place buffer writes next to parameters: lowering refuses leaves needing grad
+    seconds["load + quantise"] = time.perf_counter() - t
+    memory["load + quantise"] = phase_memory()
     tolerances = {name: QUANT_TOLERANCE if facts else FLOAT_TOLERANCE for name in decoder_methods(args.prefill_chunk)}
-    chunk, seconds = args.prefill_chunk, {}
+    chunk = args.prefill_chunk
     bar = tqdm(total=4, desc="export.executorch", unit="step")
-    with staged_directory(args.out) as out:
-        bar.set_postfix_str("torch.export")
+    with MemoryStatus(bar) as status, staged_directory(args.out) as out:
+        status("torch.export")
         t = time.perf_counter()
         reference = HybridLanguageModelStep(model, args.max_context, max_chunk=chunk).eval()
         wrapper = StatefulHybridStep(reference, slack=chunk).eval()
         mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
         vision = HybridVisionStep(model, downsample_mode=mode).eval()
         vision_inputs = vision_examples(vision, ckpt, args.max_patches, torch.float32)
-        methods = build_methods(model, wrapper, vision, vision_inputs[0], chunk, args.max_context)
+        methods = build_methods(wrapper, vision, vision_inputs[0], chunk)
         programs = export_methods(methods, undecomposed=tuple(decoder_methods(chunk)))  # no GELU in the step
         wrapper.reset()  # tracing ran the module
+        cases = parity_cases(reference, vision, chunk, vision_inputs)
+        specs = method_specs(methods, reference, chunk, cases["vision"][0][1])
+        # the table once, in token_embedding.bin (no program method reads it; a tied head keeps its own reference)
+        artifacts = {"token_embedding": write_embedding_table(None, out, torch.float32,
+                                                              model.get_input_embeddings().weight)}
+        # The exported programs hold the weights now: the eager ones go, and each method's traced copy after its
+        # lowering (lower_each).
+        release_weights(model, wrapper, vision)
         seconds["export"] = time.perf_counter() - t
+        memory["export"] = phase_memory()
         bar.update()
-        bar.set_postfix_str("lowering to xnnpack")
+        status("lowering to xnnpack")
         t = time.perf_counter()
         metadata = metadata_methods(ckpt, args.max_context, chunk, dynamic=False)
-        program, edge = lower(programs, "xnnpack", metadata, torch.float32, (drop_noop_expands, mean_as_pooling))
+        program, edge = lower_each(programs, "xnnpack", metadata, torch.float32, (drop_noop_expands, mean_as_pooling))
         delegated = delegation(edge, "XnnpackBackend")
+        for name, size in method_bytes(edge).items():
+            delegated[name]["bytes"] = size
         path = out / PROGRAM
-        path.write_bytes(program.buffer)
+        with open(path, "wb") as f:  # from the serialised segments: `program.buffer` would join them in one copy
+            program.write_to_file(f)
+        del program, edge, programs
+        collect()
         seconds["lower"] = time.perf_counter() - t
+        memory["lower"] = phase_memory()
         bar.update()
-        bar.set_postfix_str("parity")
+        status("parity")
         t = time.perf_counter()
-        errors = parity(path, methods, reference, chunk, vision_inputs)
+        errors = parity(path, cases, reference.spec.names, chunk)
+        del cases
         over = {name: error for name, error in errors.items() if error > tolerances.get(name, FLOAT_TOLERANCE)}
         if over:  # never write a program that answers differently from its torch modules
             raise UserError("the ExecuTorch program departs from its torch modules: " + ", ".join(
                 f"{name} {error:.1e} (> {tolerances.get(name, FLOAT_TOLERANCE):.0e})" for name, error in over.items()))
         seconds["parity"] = time.perf_counter() - t
+        memory["parity"] = phase_memory()
         bar.update()
-        bar.set_postfix_str("embedding table, tokenizer, manifest")
-        artifacts = {"program": {**file_entry(out, PROGRAM), "format": "pte", "backend": "XnnpackBackend",
-                                 "methods": method_specs(methods, reference, chunk, delegated),
-                                 "constant_methods": metadata},
-                     "token_embedding": write_embedding_table(None, out, torch.float32,
-                                                              model.get_input_embeddings().weight)}
+        status("tokenizer, manifest")
+        for name, spec in specs.items():
+            spec["delegation"] = delegated[name]
+        artifacts["program"] = {**file_entry(out, PROGRAM), "format": "pte", "backend": "XnnpackBackend",
+                                "methods": specs, "constant_methods": metadata}
         files = copy_model_files(ckpt, out, HYBRID_FILES)
         prefill = "prefill" if chunk > 1 else "text_decoder"
         steps = {"vision": {**vision_facts(vision, mode, args.max_patches), "artifact": "program",
                             "function": VISION_METHOD},
-                 "embedding": {"artifact": "program", "function": "token_embedding"},
                  "prefill": {"artifact": "program", "function": prefill, "tokens": chunk},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_hybrid_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32", errors,
@@ -289,10 +300,10 @@ def export_hybrid(args: argparse.Namespace) -> int:
     scheme = facts.get("scheme", "fp32")
     print(f"\nExecuTorch export (xnnpack, {scheme}) of {ckpt.variant.name} -> {args.out}")
     print(f"{'method':<18}{'max |err|':>11}{'subgraphs':>11}{'delegated':>11}{'portable':>10}"
-          f"{'linear ops delegated':>22}")
+          f"{'linear ops delegated':>22}{'MB':>9}")
     for name, d in delegated.items():
         print(f"{name:<18}{errors[name]:>11.2e}{d['subgraphs']:>11}{d['delegated_nodes']:>11}{d['portable_nodes']:>10}"
-              f"{d['linear_delegated']:>17}/{d['linear_ops']:<4}")
+              f"{d['linear_delegated']:>17}/{d['linear_ops']:<4}{d['bytes'] / 1e6:>9.1f}")
     sizes = {name: entry["size"] for name, entry in artifacts.items()}
     print(f"{PROGRAM} {sizes['program']} bytes; token_embedding.bin {sizes['token_embedding']} bytes")
     print(quant.describe() + (f" as {scheme}, {quant.int8_layers} int8, group scales {facts['scale_dtype']} "
@@ -303,4 +314,5 @@ def export_hybrid(args: argparse.Namespace) -> int:
     print(f"vision: one slice per call, {args.max_patches} patches ({steps['vision']['rows']} feature rows, "
           f"{mode} mode)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    print("memory: " + "; ".join(f"{k}: {v}" for k, v in memory.items()))
     return 0

@@ -47,34 +47,12 @@ def partitioners(backend: str, dtype: torch.dtype, names: list[str]) -> dict[str
     return {name: [] if name == "token_embedding" else [coreml] for name in names}
 
 
-def lower(programs: dict, backend: str, metadata: dict, dtype: torch.dtype, transform_passes: tuple = ()):
-    """to_edge_transform_and_lower (edge graph passes `transform_passes` first) + to_executorch ->
-    (ExecutorchProgramManager, the edge manager)."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower  # noqa: PLC0415
-    from executorch.exir.passes import MemoryPlanningPass  # noqa: PLC0415
-
-    # coremltools draws a progress bar per pass and partition: noise here, the summary says what happened.
-    chatter = contextlib.redirect_stderr(io.StringIO()) if backend == "coreml" else contextlib.nullcontext()
-    with warnings.catch_warnings(), quiet_loggers(*LOGGERS), chatter:
-        warnings.simplefilter("ignore")
-        edge = to_edge_transform_and_lower(programs, transform_passes=list(transform_passes) or None,
-                                           partitioner=partitioners(backend, dtype, list(programs)),
-                                           constant_methods=metadata,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            # The cache buffers get their own memory, shared by every method (see the module docstring).
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True,  # hosts find (and may zero) k_cache_{i} / v_cache_{i} by name
-            run_reinplace_pass=True,  # cache writes in place, not a copy of the whole buffer per call
-        ))
-    return program, edge
-
-
-def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype):
-    """`lower`, one method at a time, emptying `programs`: once a method's delegates hold their serialised copy of
-    its weights, the traced ones are dropped, so the lowering's copies of one method's weights coexist with its
-    traced ones, not every method's (`lower`). `to_edge_transform_and_lower` partitions each method alone anyway.
-    -> (ExecutorchProgramManager, the edge manager)."""
+def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype, transform_passes: tuple = ()):
+    """to_edge_transform_and_lower (edge graph passes `transform_passes` first) + to_executorch, one method at a
+    time, emptying `programs`: once a method's delegates hold their serialised copy of its weights, the traced ones
+    are dropped, so the lowering's copies of one method's weights coexist with its traced ones, not every method's.
+    `to_edge_transform_and_lower` partitions each method alone anyway. -> (ExecutorchProgramManager, the edge
+    manager)."""
     from executorch.exir import (  # noqa: PLC0415
         EdgeCompileConfig,
         EdgeProgramManager,
@@ -90,6 +68,7 @@ def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype)
         warnings.simplefilter("ignore")
         for name in list(programs):
             edge = to_edge_transform_and_lower({name: programs.pop(name)}, compile_config=config,
+                                               transform_passes=list(transform_passes) or None,
                                                partitioner=partitioners(backend, dtype, [name]))
             lowered[name] = edge.exported_program(name)
             del edge
@@ -97,8 +76,11 @@ def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype)
         edge = EdgeProgramManager(lowered, constant_methods=metadata, compile_config=config)
         del lowered
         program = edge.to_executorch(ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),  # as in `lower`
-            emit_mutable_buffer_names=True, run_reinplace_pass=True))
+            # The cache buffers get their own memory, shared by every method (decoder methods share one state).
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,  # hosts find (and may zero) the state buffers by name
+            run_reinplace_pass=True,  # cache writes in place, not a copy of the whole buffer per call
+        ))
     return program, edge
 
 

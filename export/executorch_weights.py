@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,9 @@ from pathlib import Path
 import torch
 
 from export.executorch import install_records, prepare_model
-from export.onnx_weights import EMBEDDING, StreamedWeights, memory_note
+from export.onnx_weights import StreamedWeights, memory_note
 from export.quantization import Quantization
-from minicpm.checkpoint import TIED_HEAD, Checkpoint
+from minicpm.checkpoint import Checkpoint
 from minicpm.lazy_model import return_freed_memory
 from minicpm.modeling import MiniCPMV
 from minicpm.split import token_embedding_table
@@ -58,27 +57,18 @@ def _streamed(ckpt: Checkpoint, args: argparse.Namespace) -> ResidentModel:
     # XNNPACK's int4 has no zero points: symmetric records, as prepare_model asks quantized_model for
     weights = StreamedWeights(ckpt, argparse.Namespace(**{**vars(args), "symmetric": True, "accuracy_level": 0}),
                               torch.float32, audio_level=0)
-    model, lazy = weights.model, weights.lazy
-    tied_float_head = model.config.llm.tie_word_embeddings and "llm.lm_head" not in weights.kinds
-    skip = {f"{n}.weight" for n in weights.kinds} | ({TIED_HEAD} if tied_float_head else {EMBEDDING})
-    lazy.materialize(("",), skip=skip)
-    if tied_float_head:  # one tensor for the table and the head, as load_model ties them
-        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    xnnpack = args.backend == "xnnpack"
-    facts: dict = {}
-    start = time.perf_counter()
-    for name, kind in weights.kinds.items():
-        record = weights.quantize(name, kind)
-        record.check(name)
-        installed = install_records(model, {name: record}, activations_int8=xnnpack, bf16_scales=xnnpack)
+    xnnpack, facts = args.backend == "xnnpack", {}
+
+    def install(name: str, record) -> None:
+        nonlocal facts
+        installed = install_records(weights.model, {name: record}, activations_int8=xnnpack, bf16_scales=xnnpack)
         rounding = max(facts.get("max_scale_rounding", 0.0), installed["max_scale_rounding"])
         facts = {**installed, "max_scale_rounding": rounding}
-        del record  # its uint8 codes: the installed weight holds its own int8 copy
-    weights.quant.seconds += time.perf_counter() - start
-    model.eval().requires_grad_(False)
+
+    weights.load_whole(install)  # each record's uint8 codes go with it: the installed weight holds its int8 copy
+    weights.model.eval().requires_grad_(False)
     collect()
-    table = (lambda: model.llm.model.embed_tokens.weight.detach()) if tied_float_head else weights.embedding_table
-    return ResidentModel(model, weights.quant, facts, table)
+    return ResidentModel(weights.model, weights.quant, facts, weights.embedding_table)
 
 
 def collect() -> None:

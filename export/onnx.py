@@ -21,8 +21,15 @@ every quantised Linear of the LLM is one `com.microsoft.MatMulNBits` node holdin
 and zero points bit for bit (see export/matmul_nbits.py), initializers named after the layer
 (`llm.model.layers.0.self_attn.q_proj.qweight`, `.scales`, `.qzeros`, `.input_scale`). `--accuracy-level 4`
 (default) lets onnxruntime quantise activations to int8 per block on CPU (fast, approximate); 0 computes in
-the graph's float type. The vision graph stays float. Parity is measured against the PyTorch step running the
-same quantised weights.
+the graph's float type. Parity is measured against the PyTorch step running the same quantised weights.
+
+`--vision-weights int8` (opt-in): the vision-side graphs (vision, video) get int8 weights per output channel and
+int8 activations quantised per call (`MatMulInteger` after `DynamicQuantizeLinear`), written by onnxruntime's own
+`quantize_dynamic` after the float graph is traced (no hand-written quantiser). CPUs with VNNI / dot-product
+instructions run it about 1.8x faster: a full-size V-4.0 slice (SigLIP-400M, 1088 patches, ~1.0 TFLOP) took 6.3 s
+in float32 and 3.4 s in int8 on one core here, while float32 already runs at that core's FMA peak. The features
+move (parity against the float torch step is in the manifest, cosine ~0.9996 on random full-size weights), so it is
+a choice for the app, not the default.
 
 `--quantize-audio` (MiniCPM-o, opt-in; or a quantised directory from `python -m quant.awq --quantize-audio`): the
 Whisper encoder's quantised Linears become MatMulNBits nodes of audio.onnx the same way (initializers
@@ -33,6 +40,7 @@ Whisper encoder's quantised Linears become MatMulNBits nodes of audio.onnx the s
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +80,9 @@ LLM_IO = (["inputs_embeds", "position_ids", "attention_mask", "last_index", "pas
 AUDIO_IO = (["mel", "conv_mask", "position_ids", "attention_mask", "past_keys", "past_values"],
             ["tokens", "new_keys", "new_values"])
 AUDIO_ACCURACY_LEVEL = 0  # int4 audio encoder: float compute (see the module docstring)
+VISION_INT8 = {"weights": "int8 per output channel (symmetric)", "activations": "uint8 per tensor, dynamic",
+               "op": "MatMulInteger", "written_by": "onnxruntime.quantization.quantize_dynamic",
+               "parity": "against the float torch step"}  # manifest quantization.vision with --vision-weights int8
 
 
 # the exporter's loggers whose progress chatter our progress bar replaces
@@ -94,6 +105,30 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple[list[
     if rename:
         matmul_nbits.rename_initializers(model, rename)
     onnx.save(model, str(path))
+
+
+def quantize_int8(path: Path) -> None:
+    """Rewrite the float graph at `path` (+ `.data`) in place with int8 weights per output channel and dynamic int8
+    activations: every MatMul / Gemm with a weight becomes MatMulInteger (onnxruntime.quantization.quantize_dynamic;
+    see the module docstring). Written beside it under the same file names, then moved over it."""
+    import onnx  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+    staged = path.parent / f".int8-{path.stem}"
+    staged.mkdir()
+    try:
+        with warnings.catch_warnings(), quiet_loggers("root"):  # its "consider pre-processing" advice
+            warnings.simplefilter("ignore")
+            quantize_dynamic(path, staged / path.name, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+        model = onnx.load(str(staged / path.name), load_external_data=False)
+        model.ir_version = min(model.ir_version, IR_VERSION)
+        onnx.save(model, str(staged / path.name))
+        for name in (path.name, f"{path.name}.data"):
+            (staged / name).chmod(0o644)  # the library writes its data file private (0600)
+            (staged / name).replace(path.parent / name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _io_spec(path: Path) -> tuple[list[dict], list[dict]]:
@@ -123,8 +158,9 @@ def _ort_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, inputs)
 
 
-def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tuple[dict, float]:
-    """Trace the vision step, then measure onnxruntime against it on a real image's slices."""
+def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype, int8: bool = False) -> tuple[dict, float]:
+    """Trace the vision step (int8 weights with `int8`), then measure onnxruntime against it on a real image's
+    slices."""
     from minicpm.image_processing import process_image  # noqa: PLC0415
 
     step = VisionStep(model).eval()
@@ -132,21 +168,25 @@ def export_vision(model, out: Path, max_patches: int, dtype: torch.dtype) -> tup
     slices = process_image(image, model.config.slice)
     inputs = model.vision_inputs(slices.pixel_values[:2], slices.tgt_sizes[:2], pad_to=max_patches)
     args = tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
-    return _export_batched(step, args, out / "vision.onnx", torch.export.Dim("batch", min=1, max=64))
+    return _export_batched(step, args, out / "vision.onnx", torch.export.Dim("batch", min=1, max=64), int8)
 
 
-def export_video(model, out: Path, max_patches: int, dtype: torch.dtype) -> tuple[dict, float]:
+def export_video(model, out: Path, max_patches: int, dtype: torch.dtype, int8: bool = False) -> tuple[dict, float]:
     """MiniCPM-V 4.5's frame-group graph (`VideoGroupStep`, the 3D resampler): [groups, 6 frame slots, ...] ->
     [groups, query_num, H], groups dynamic; measured against the torch step on two groups."""
     step = VideoGroupStep(model).eval()
     inputs = video_example(model, max_patches)
     args = tuple(inputs[n].to(dtype) if inputs[n].is_floating_point() else inputs[n] for n in VISION_IO[0])
-    return _export_batched(step, args, out / "video.onnx", torch.export.Dim("groups", min=1, max=16))
+    return _export_batched(step, args, out / "video.onnx", torch.export.Dim("groups", min=1, max=16), int8)
 
 
-def _export_batched(step: torch.nn.Module, args: tuple, path: Path, batch: torch.export.Dim) -> tuple[dict, float]:
-    """Trace a vision-side step with a dynamic first axis; max |error| of onnxruntime against it on `args`."""
+def _export_batched(step: torch.nn.Module, args: tuple, path: Path, batch: torch.export.Dim, int8: bool
+                    ) -> tuple[dict, float]:
+    """Trace a vision-side step with a dynamic first axis (int8 weights with `int8`); max |error| of onnxruntime
+    against the float torch step on `args`."""
     _export(step, args, path, VISION_IO, tuple({0: batch} for _ in args))
+    if int8:
+        quantize_int8(path)
     with torch.no_grad():
         expected = step(*args).float().numpy()
     got = _ort_run(path, {n: a.numpy() for n, a in zip(VISION_IO[0], args, strict=True)})[0]
@@ -229,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-level", type=int, choices=matmul_nbits.ACCURACY_LEVELS, default=4,
                         help="MatMulNBits compute: 4 = int8 activations on CPU (default, fast), 0 = the graph's "
                              "float type")
+    parser.add_argument("--vision-weights", choices=("float", "int8"), default="float",
+                        help="vision-side graphs: float (default) or int8 weights with dynamic int8 activations "
+                             "(~1.8x faster on CPUs with VNNI / dot-product instructions; parity in the manifest)")
     args = parser.parse_args(argv)
+    if args.vision_weights == "int8" and args.dtype != "fp32":  # quantize_dynamic reads float32 weights
+        raise UserError("--vision-weights int8 applies to --dtype fp32 graphs")
     from export.onnx_hybrid import export_hybrid, is_hybrid_model  # noqa: PLC0415
 
     if is_hybrid_model(args.model):  # MiniCPM-V 4.6 / 4.7: the LLM step with per-layer state (export/onnx_hybrid.py)
@@ -240,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.symmetric and args.quant == "none":
         raise UserError("--symmetric applies to int4 quantisation, not --quant none")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    int8_vision = args.vision_weights == "int8"
     # Opening and quantising come before the progress bar, so a bad model or a conflicting --quant is one line
     # on stderr (AWQ shows its own progress). RTN and float exports read each part when its graph is exported.
     ckpt = Checkpoint.open(args.model)
@@ -251,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         status("vision graph")
         with weights.part(VISION):
-            artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype)
+            artifacts["vision"], parity["vision"] = export_vision(model, out, args.max_patches, dtype, int8_vision)
             rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"],
                          time.perf_counter() - t))
             if model.resampler.temporal:  # MiniCPM-V 4.5: frame groups through the 3D resampler
                 t = time.perf_counter()
                 status("video graph")
-                artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype)
+                artifacts["video"], parity["video"] = export_video(model, out, args.max_patches, dtype, int8_vision)
                 rows.append(("video.onnx (+ .data)", _size(out, "video.onnx"), parity["video"],
                              time.perf_counter() - t))
         if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
@@ -290,13 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
                          accuracy_level=args.accuracy_level,
                          **({"audio_accuracy_level": AUDIO_ACCURACY_LEVEL} if quant.audio_layers else {}))
+        if int8_vision:
+            entry["vision"] = VISION_INT8
         manifest = build_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                   "float16" if args.dtype == "fp16" else "float32", parity, entry, model=model)
         write_manifest(out, manifest)
         steps.update()
     steps.close()
     print_summary(f"ONNX export of {ckpt.config.variant.name} -> {args.out}", rows)
-    print(quant.describe() + (f", MatMulNBits accuracy_level {args.accuracy_level}" if records else ""))
+    print(quant.describe() + (f", MatMulNBits accuracy_level {args.accuracy_level}" if records else "")
+          + ("; vision int8 (MatMulInteger)" if int8_vision else ""))
     for note in quant.notes:
         print(f"note: {note}")
     return 0

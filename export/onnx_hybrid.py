@@ -31,7 +31,8 @@ mathematics, measured against the unmodified torch step.
 int4 (`--quant int4-awq|int4-rtn`, or a quantised directory from `python -m quant.awq` as --model): the Qwen3.5
 layers' quantised Linears (quant/layout.py) and, with `--lm-head int8`, the head become `com.microsoft.MatMulNBits`
 nodes holding the records' codes bit for bit, as in export/onnx.py (export/matmul_nbits.py; initializers named after
-the layer, `model.language_model.layers.0.linear_attn.in_proj_qkv.qweight`, ...). The vision graph stays float.
+the layer, `model.language_model.layers.0.linear_attn.in_proj_qkv.qweight`, ...). The vision graph stays float unless
+`--vision-weights int8` (export.onnx's int8 vision, onnxruntime's quantize_dynamic).
 Parity is measured against the torch step running the same quantised weights.
 """
 
@@ -221,19 +222,22 @@ def vision_facts(step: HybridVisionStep, mode: str, max_patches: int) -> dict:
     }
 
 
-def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dtype: torch.dtype
-                  ) -> tuple[dict, float, dict]:
-    """Trace the one-slice vision step at a fixed patch row; measure onnxruntime against the torch step on every
-    slice of a sliced test photo (each padded to the row). Returns the artifact, the error and `steps.vision`."""
+def export_vision(model, ckpt: HybridCheckpoint, out: Path, max_patches: int, dtype: torch.dtype,
+                  int8: bool = False) -> tuple[dict, float, dict]:
+    """Trace the one-slice vision step at a fixed patch row (int8 weights with `int8`, export.onnx.quantize_int8);
+    measure onnxruntime against the float torch step on every slice of a sliced test photo (each padded to the
+    row). Returns the artifact, the error and `steps.vision`."""
     import onnxruntime as ort  # noqa: PLC0415
 
-    from export.onnx import _artifact, _export  # noqa: PLC0415 (export.onnx dispatches to this module)
+    from export.onnx import _artifact, _export, quantize_int8  # noqa: PLC0415 (export.onnx dispatches here)
 
     mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
     step = HybridVisionStep(model, downsample_mode=mode).eval()
     examples = vision_examples(step, ckpt, max_patches, dtype)
     path = out / "vision.onnx"
     _export(step, examples[0], path, VISION_IO, None)  # every shape static: one slice, P patches
+    if int8:
+        quantize_int8(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -286,7 +290,8 @@ def export_hybrid(args: argparse.Namespace) -> int:
     with staged_directory(args.out) as out:
         t = time.perf_counter()
         steps.set_postfix_str("vision graph")
-        artifacts["vision"], parity["vision"], vision = export_vision(model, ckpt, out, args.max_patches, dtype)
+        artifacts["vision"], parity["vision"], vision = export_vision(model, ckpt, out, args.max_patches, dtype,
+                                                                      args.vision_weights == "int8")
         rows.append(("vision.onnx (+ .data)", _size(out, "vision.onnx"), parity["vision"], time.perf_counter() - t))
         steps.update()
         t = time.perf_counter()
@@ -307,6 +312,10 @@ def export_hybrid(args: argparse.Namespace) -> int:
         if records:
             entry.update(format="com.microsoft MatMulNBits: the records' codes, scales and zero points",
                          accuracy_level=args.accuracy_level)
+        if args.vision_weights == "int8":
+            from export.onnx import VISION_INT8  # noqa: PLC0415 (export.onnx dispatches to this module)
+
+            entry["vision"] = VISION_INT8
         manifest = build_hybrid_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                          "float16" if args.dtype == "fp16" else "float32", parity, spec,
                                          {"vision": vision,
@@ -319,8 +328,8 @@ def export_hybrid(args: argparse.Namespace) -> int:
     print(quant.describe() + (f", MatMulNBits accuracy_level {args.accuracy_level}" if records else ""))
     for note in quant.notes:
         print(f"note: {note}")
-    print(f"vision: one slice per call, {args.max_patches} patches ({vision['rows']} feature rows, "
-          f"{vision['downsample_mode']} mode)")
+    print(f"vision: {args.vision_weights} weights, one slice per call, {args.max_patches} patches "
+          f"({vision['rows']} feature rows, {vision['downsample_mode']} mode)")
     return 0
 
 

@@ -10,7 +10,9 @@
   A quantised Linear is quantised alone, straight from its stored weight, into its MatMulNBits tensors: neither a
   float32 copy of the model nor the unpacked codes of every layer is ever held, so the peak is about one part
   plus its onnxruntime session. The codes are rtn_quantize's (same quant.codes arithmetic on the same float32
-  values), so the artifacts are byte for byte those of a full load.
+  values), so the artifacts are byte for byte those of a full load. `load_whole` reads the whole model the same
+  way (quantised Linears installed one by one, no table) for exporters whose converter takes every graph at once
+  (export.executorch_weights, export.coreai).
 - `LoadedWeights` (AWQ, which calibrates on the whole float model, and quantised checkpoint directories): the
   whole float32 model with the records installed, as `export.quantization.quantized_model` returns it.
 """
@@ -22,7 +24,7 @@ import contextlib
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from export.quantization import (
     llm_records,
     quantized_model,
 )
-from minicpm.checkpoint import Checkpoint
+from minicpm.checkpoint import TIED_HEAD, Checkpoint
 from minicpm.lazy_model import LazyModel
 from minicpm.split import token_embedding_table
 from quant.codes import quantize_int8_rows
@@ -121,6 +123,28 @@ class StreamedWeights:
                 setattr(self.model.get_submodule(parent), child, linear)
             self.lazy.release(prefixes)
 
+    def load_whole(self, install: Callable[[str, QuantRecord], None]) -> None:
+        """The whole model at once, for exporters whose converter takes every graph of a program together
+        (ExecuTorch, Core AI): every parameter read (in the model's dtype) but the planned Linears' weights, each
+        quantised alone and handed to `install(name, record)`, which replaces its Linear, so no float copy of a
+        quantised weight is ever held; and but the embedding table (the host's token_embedding.bin, see
+        `embedding_table`), unless a float head tied to it needs it."""
+        skip = {f"{n}.weight" for n in self.kinds} | ({TIED_HEAD} if self.tied_float_head else {EMBEDDING})
+        self.lazy.materialize(("",), skip=skip)
+        if self.tied_float_head:  # one tensor for the table and the head, as load_model ties them
+            self.model.llm.lm_head.weight = self.model.llm.model.embed_tokens.weight
+        start = time.perf_counter()
+        for name, kind in self.kinds.items():
+            record = self.quantize(name, kind)
+            record.check(name)
+            install(name, record)
+        self.quant.seconds += time.perf_counter() - start
+
+    @property
+    def tied_float_head(self) -> bool:
+        """The head is the embedding table itself (tied and left float)."""
+        return self.model.config.llm.tie_word_embeddings and LM_HEAD not in self.kinds
+
     def quantize(self, name: str, kind: str) -> QuantRecord:
         """rtn_quantize's int4 record / int8_head's record of the Linear `name`, from its stored weight."""
         if kind == "int4":
@@ -138,6 +162,8 @@ class StreamedWeights:
         """The token embedding table with the values of the loaded model's (float32, cast to the export's dtype).
         For float32 that is the stored table itself (bf16 / fp16 to float32 is exact; the writer converts it block
         by block), so no float32 copy of it is made."""
+        if self.tied_float_head and self.model.llm.model.embed_tokens.weight.device.type != "meta":
+            return self.model.llm.model.embed_tokens.weight.detach()  # load_whole read it for the head
         stored = self.lazy.stored(EMBEDDING)
         if self.dtype == torch.float32:
             return stored

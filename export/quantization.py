@@ -193,8 +193,11 @@ def _quantize_now(ckpt: Checkpoint, method: str, group_size: int, symmetric: boo
         return model, {}
     from quant import QuantConfig, awq_quantize, rtn_quantize  # noqa: PLC0415
 
-    config = QuantConfig(group_size=group_size, symmetric=symmetric, lm_head="int8" if int8_head_ else "keep",
-                         quantize_audio=quantize_audio)
+    # a head tied to the embedding table gets its int8 record from `int8_head` instead (quantized_model): as its own
+    # Parameter, so the table keeps its float weights (the quantisers would write the head's values into both)
+    tied = _head_is_tied(model)
+    config = QuantConfig(group_size=group_size, symmetric=symmetric,
+                         lm_head="int8" if int8_head_ and not tied else "keep", quantize_audio=quantize_audio)
     if method == "int4-rtn":
         return model, rtn_quantize(model, config).records
     from quant.calibration import build_calibration  # noqa: PLC0415
@@ -237,6 +240,12 @@ def llm_records(records: dict) -> dict:
 def head_name(model: nn.Module) -> str:
     """The output head's module name: `llm.lm_head`, or `lm_head` on MiniCPM-V 4.6 / 4.7."""
     return HYBRID_LLM[1] if is_hybrid(model) else LM_HEAD
+
+
+def _head_is_tied(model: nn.Module) -> bool:
+    """The output head's weight is an embedding table's (tie_word_embeddings)."""
+    weight = model.get_submodule(head_name(model)).weight
+    return any(m.weight is weight for m in model.modules() if isinstance(m, nn.Embedding))
 
 
 def int8_head(model: MiniCPMV):

@@ -12,7 +12,8 @@ measured in the same run (before and after, best kept), giving the roofline (ban
 bandwidths and the efficiency measured here.
 
 MiniCPM-V 4.6 / 4.7 (the hybrid-attention models, tiny ones in the default set) run only the exports in
-HYBRID_EXPORTS (ONNX float / int4, ExecuTorch float): the other requested exports are skipped for them.
+HYBRID_EXPORTS (ONNX and ExecuTorch, float and int4, with an int8 head, ONNX with int8 vision): the other requested
+exports (Core ML, Core AI: run by their tests) are skipped for them.
 
 `--full-size` adds `full-minicpm-v-4` (3.79 B parameters, random weights, built on first use: ~7.1 GB on disk)
 with the device exports (`--full-size-exports`); expect about an hour: the ONNX export peaks near 7.5 GiB, the
@@ -51,6 +52,9 @@ EXPORTS = {
     # the device configuration: at 4 bits the float head is most of the bytes read per token
     "onnx-int4-int8head": ("export.onnx", ["--quant", "int4-rtn", "--lm-head", "int8"], ["onnxruntime"]),
     "executorch-8da4w-int8head": ("export.executorch", ["--quant", "int4-rtn", "--lm-head", "int8"], ["executorch"]),
+    # the same with int8 vision (MatMulInteger): the vision speed / parity trade (export.onnx --vision-weights)
+    "onnx-int4-int8head-int8vis": ("export.onnx", ["--quant", "int4-rtn", "--lm-head", "int8", "--vision-weights",
+                                                   "int8"], ["onnxruntime"]),
     # Core AI through coreai.runtime (CPU on Linux computes fp16 programs far slower than fp32: bench fp32)
     "coreai": ("export.coreai", ["--quant", "none", "--precision", "fp32"], ["coreai"]),
     "coreai-int4": ("export.coreai", ["--quant", "int4-rtn", "--precision", "fp32"], ["coreai"]),
@@ -59,12 +63,13 @@ EXPORTS = {
 }
 DEFAULT_MODELS = "tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4,tiny-minicpm-v-4.6,tiny-minicpm-v-4.7"
 FULL_SIZE_MODEL = "full-minicpm-v-4"
-FULL_SIZE_EXPORTS = "onnx-int4-int8head,executorch-8da4w-int8head"
-# the exports MiniCPM-V 4.6 / 4.7 are benched with: ONNX float and int4, ExecuTorch float
-HYBRID_EXPORTS = ["onnx", "onnx-int4", "onnx-int4-int8head", "executorch"]
+FULL_SIZE_EXPORTS = "onnx-int4-int8head,onnx-int4-int8head-int8vis,executorch-8da4w-int8head"
+# the exports MiniCPM-V 4.6 / 4.7 are benched with: ONNX float and int4, ExecuTorch float and 8da4w
+HYBRID_EXPORTS = ["onnx", "onnx-int4", "onnx-int4-int8head", "onnx-int4-int8head-int8vis", "executorch",
+                  "executorch-8da4w", "executorch-8da4w-int8head"]
 HYBRID_FULL_MODEL = "full-minicpm-v-4.7"
-# no int8 head: the 1B head is tied to the embeddings, which export.onnx cannot make int8 as well yet
-HYBRID_FULL_EXPORTS = "onnx,onnx-int4"
+# the tied 1B head is 1 GB of float32 per token: the int8 head (its own record; the table stays float) cuts it 4x
+HYBRID_FULL_EXPORTS = "onnx,onnx-int4,onnx-int4-int8head,executorch,executorch-8da4w,executorch-8da4w-int8head"
 REFERENCE_BACKENDS = {"torch"}  # eager reference runtimes: left out for full-size models (slow, not a device path)
 
 
@@ -72,9 +77,13 @@ class StepFailed(Exception):
     """One bench step (an export or a run) exited non-zero: its job is reported and the bench goes on."""
 
 
-def _run(args: list[str]) -> tuple[dict, float, float]:
-    """`python -m args...` in its own process: (its --json object or {}, seconds, peak RSS MB)."""
+def _run(args: list[str], log: Path | None = None) -> tuple[dict, float, float]:
+    """`python -m args...` in its own process: (its --json object or {}, seconds, peak RSS MB); its stdout is kept
+    in `log` if given."""
     code, out, err, seconds, rss = machine.run_measured([sys.executable, "-m", *args])
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(out)
     if code != 0:
         last = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
         raise StepFailed(f"{' '.join(args)}\n{last}")
@@ -135,8 +144,9 @@ def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
     export_dir = Path(args.out) / f"{model}-{name}"
     export_s = export_rss = None  # unknown when --reuse-exports measures an earlier export
     if not (args.reuse_exports and (export_dir / "manifest.json").is_file()):
+        log = export_dir.parent / f"{export_dir.name}.export.log"  # the exporter's summary: phases, memory, parity
         _, export_s, export_rss = _run([module, "--model", model, "--out", str(export_dir), "--max-context",
-                                        str(args.max_context), *extra])
+                                        str(args.max_context), *extra], log=log)
         export_s, export_rss = round(export_s, 1), round(export_rss, 1)
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())  # directory assets too
     per_token = machine.bytes_per_token(export_dir)

@@ -153,7 +153,7 @@ def test_executorch_audio_method_matches_the_same_quantisation(awq_audio_dir, tm
     of the same torchao weights (the exporter's own parity function)."""
     import export.executorch as ex
     from export.bundle import audio_example
-    from export.executorch_lowering import delegation, lower
+    from export.executorch_lowering import delegation, lower_each
     from export.executorch_modules import AUDIO_INPUTS, StatefulAudioEncoder, as_tensor
     from export.executorch_parity import audio_parity, load_program
 
@@ -162,7 +162,7 @@ def test_executorch_audio_method_matches_the_same_quantisation(awq_audio_dir, tm
     middle = audio_example(model)[1]
     methods = {"audio_encoder": ex.Method(StatefulAudioEncoder(model).eval(),
                                           tuple(as_tensor(middle[n].numpy()) for n in AUDIO_INPUTS))}
-    program, edge = lower(ex.export_methods(methods), "xnnpack", {}, torch.float32)
+    program, edge = lower_each(ex.export_methods(methods), "xnnpack", {}, torch.float32)
     delegated = delegation(edge, "XnnpackBackend")["audio_encoder"]
     assert delegated["linear_delegated"] == delegated["linear_ops"] == 14  # 12 int4 + the float projection's 2
     path = tmp_path / "audio.pte"

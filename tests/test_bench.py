@@ -152,5 +152,7 @@ def test_bench_runs_end_to_end_with_machine_fields(tmp_path):
         assert row[key] > 0, key
     assert 400 <= row["prefill_prompt_tokens"] <= 512 and row["slices"] >= 1
     assert row["bytes_per_token"] == bench_machine.bytes_per_token(tmp_path / "tiny-minicpm-v-4-onnx-int4")
+    log = (tmp_path / "tiny-minicpm-v-4-onnx-int4.export.log").read_text()  # the exporter's own summary table
+    assert "llm.onnx" in log and "vision.onnx" in log
     (est,) = bench["device_estimates"]
     assert set(est["predicted_tok_s"]) == set(bench_machine.DEVICES)

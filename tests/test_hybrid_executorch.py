@@ -43,7 +43,7 @@ ARGS = ("--max-context", str(MAX_CONTEXT))
 INT4 = ("executorch", NAMES[0], "--max-context", "256", "--prefill-chunk", "32", "--quant", "int4-rtn",
         "--group-size", "32")  # group 32: every quantisable Linear of the tiny model (in_features 64 or 128)
 EXPORTS_AHEAD = [*(("executorch", name, *ARGS) for name in NAMES), INT4]  # queued at session start
-METHODS = ["vision_encoder", "token_embedding", "prefill", "text_decoder"]
+METHODS = ["vision_encoder", "prefill", "text_decoder"]  # no token_embedding: the table is token_embedding.bin
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_int4_program_holds_the_records_and_matches_8da4w(exports):
         delegation = methods[method]["delegation"]
         assert delegation["linear_delegated"] == delegation["linear_ops"] == 31, method  # 26 int4, 4 gates, head
         assert manifest["parity"][method] < QUANT_TOLERANCE
-    assert manifest["parity"]["vision_encoder"] <= 1e-4 and manifest["parity"]["token_embedding"] == 0
+    assert manifest["parity"]["vision_encoder"] <= 1e-4 and sorted(methods) == sorted(METHODS)
     ids = ckpt.prompts.build(FIRST).input_ids
     reference = _reference(ckpt, model, ids, 16)  # transformers' generate on the 8da4w model
     assert len(set(reference)) > 1

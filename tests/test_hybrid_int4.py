@@ -201,3 +201,35 @@ def test_awq_46_coreai_asset_holds_the_records(awq_46):
                          np.ascontiguousarray(z.T, np.uint8).tobytes())
                         for c, s, z in quantized_constants(out / "llm.aimodel", function))
         assert stored == expected
+
+
+def test_tied_head_gets_its_own_int8_record_and_the_table_stays_float(tmp_path):
+    """The 4.7-1B ties its head to the embedding table: `--lm-head int8` makes the head a per-row int8 record of the
+    table (its own Parameter) while the table, which the host reads as token_embedding.bin, keeps its float values.
+    Checked on tiny 4.7 rewritten with tied embeddings (config flag on, lm_head.weight dropped, as such checkpoints
+    are stored)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from export.quantization import quantized_model
+    from minicpm.v4_6 import HybridCheckpoint
+    from quant.codes import quantize_int8_rows
+
+    source = HybridCheckpoint.open("tiny-minicpm-v-4.7").path
+    tied = shutil.copytree(source, tmp_path / "tied")
+    config = json.loads((tied / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config))
+    weights = load_file(tied / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
+    table = weights["model.language_model.embed_tokens.weight"].float()
+    model, records, quant = quantized_model(HybridCheckpoint.open(str(tied)), "int4-rtn", 32, lm_head="int8")
+    record = records["lm_head"]
+    codes, _, _ = quantize_int8_rows(table)
+    assert quant.lm_head == "int8" and record.bits == 8 and torch.equal(record.codes, codes.to(torch.uint8))
+    assert torch.equal(model.get_input_embeddings().weight, table)  # the host's table: float, untouched
+    assert torch.equal(model.lm_head.weight, record.dequantize(torch.float32))
+    assert not torch.equal(model.lm_head.weight, table)

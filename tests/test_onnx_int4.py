@@ -325,3 +325,45 @@ def test_generate_parity_is_refused_before_answering_for_a_float_source(export):
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "is a float checkpoint" in r.stderr
+
+
+def test_int8_vision_graph_reads_only_int8_weights_and_stays_close_to_the_float_step(export, tiny):
+    """`--vision-weights int8`: no float MatMul / Gemm of vision.onnx reads a weight any more (each is MatMulInteger
+    over an int8 initializer, per output channel), the manifest says so, and on every slice of a sliced photo the
+    graph's features stay close to the float torch step (cosine >= 0.999) while differing from it (it is int8)."""
+    from export.bundle import DEFAULT_MAX_PATCHES, vision_example
+    from minicpm.split import VisionStep
+
+    out = export(*RTN_V4, "--vision-weights", "int8")
+    manifest = read_manifest(out)
+    assert manifest["quantization"]["vision"]["op"] == "MatMulInteger" and manifest["parity"]["vision"] > 1e-4
+    graph = onnx.load(str(out / "vision.onnx"), load_external_data=False).graph
+    weights = {i.name: i for i in graph.initializer}
+    float_products = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                      and any(name in weights for name in n.input)]
+    assert not float_products
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    _, model = tiny("tiny-minicpm-v-4")
+    linears = sum(isinstance(m, torch.nn.Linear) for m in [*model.vpm.modules(), *model.resampler.modules()])
+    assert len(integer) >= linears  # the resampler's attention adds its packed in-projection's
+    assert all(weights[n.input[1]].data_type == onnx.TensorProto.INT8 for n in integer)
+    import onnxruntime as ort  # noqa: PLC0415
+
+    session = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    step = VisionStep(model).eval()
+    for inputs in vision_example(model, DEFAULT_MAX_PATCHES):
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0].ravel()
+        with torch.no_grad():
+            expected = step(*inputs.values()).numpy().ravel()
+        cosine = float(got @ expected / np.linalg.norm(got) / np.linalg.norm(expected))
+        assert 0.999 <= cosine < 1 - 1e-9, cosine
+
+
+def test_int8_vision_of_a_float16_graph_is_refused_in_one_line(tmp_path):
+    from export.onnx import main
+    from minicpm.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--vision-weights int8 applies to --dtype fp32 graphs$"):
+        main(["--model", "tiny-minicpm-v-4", "--out", str(tmp_path / "x"), "--dtype", "fp16", "--vision-weights",
+              "int8"])
+    assert not (tmp_path / "x").exists()
