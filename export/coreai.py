@@ -44,6 +44,11 @@ float32, as transformers computes it) for GPU / Neural Engine devices; the Linux
 (measured on the tiny V-4.0: 29 s per vision slice against 0.26 s in fp32), so Linux parity and benches use fp32.
 
 The token embedding table is `token_embedding.bin` (raw [V,H]) gathered by the host, as for every format.
+
+Memory: `--quant int4-rtn` and `none` on a checkpoint stream it (`load_model`): each Linear is read alone, quantised
+and installed as its codes, the table is written from the checkpoint, so no float copy of the LLM is held (a
+full-size V-4.0 with an int8 head: 12.1 GiB peak, over the 1.3x-checkpoint goal; not yet profiled by phase). AWQ
+and quantised directories load the whole float32 model.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ the graph's float type. Parity is measured against the PyTorch step running the 
 int8 activations quantised per call (`MatMulInteger` after `DynamicQuantizeLinear`), written by onnxruntime's own
 `quantize_dynamic` after the float graph is traced (no hand-written quantiser). CPUs with VNNI / dot-product
 instructions run it about 1.8x faster: a full-size V-4.0 slice (SigLIP-400M, 1088 patches, ~1.0 TFLOP) took 6.3 s
-in float32 and 3.4 s in int8 on one core here, while float32 already runs at that core's FMA peak. The features
+in float32 (~165 GFLOP/s) and 3.4 s in int8 on one core here. The features
 move (parity against the float torch step is in the manifest, cosine ~0.9996 on random full-size weights), so it is
 a choice for the app, not the default.
 
