@@ -2,8 +2,9 @@
 
 Two graphs, shared by every phase of the schedule:
 - `vision.onnx`: [batch] fixed-length patch rows -> [batch, query_num, H] (batch is dynamic);
-- `llm.onnx`: T new embeddings + the whole KV cache -> last logits + new K/V (T is dynamic: prefill calls
-  use T = prefill chunk, decode calls T = 1, so the weights are stored once);
+- `llm.onnx`: T new embeddings + the S filled KV cache slots -> last logits + new K/V (T is dynamic: prefill calls
+  use T = prefill chunk, decode calls T = 1, so the weights are stored once; S is dynamic, 0..max_context, so a
+  step copies and attends over the conversation so far, not the whole cache: `kv_cache.slots = "filled"`);
 - MiniCPM-V 4.5 also gets `video.onnx` (`VideoGroupStep`): frame groups of 6 fixed slots (unused slots
   masked) -> one query_num x H output per group through the 3D resampler, groups dynamic. A separate graph,
   so an image never pays for 6 frame slots;
@@ -218,26 +219,29 @@ def export_llm(model, out: Path, max_context: int, chunk: int, dtype: torch.dtyp
     the quantised layers already installed as MatMulNBitsLinear (their initializers get the records' names)."""
     step = LanguageModelStep(model, max_context).eval()
     hidden = model.config.hidden_size
-    shape = (len(step.layers), step.kv_heads, max_context, step.head_dim)
     gen = torch.Generator().manual_seed(0)
 
-    def example(tokens: int, past: int):
-        mask = torch.full((1, 1, tokens, max_context + tokens), -1e30)
+    def example(tokens: int, past: int, slots: int):
+        shape = (len(step.layers), step.kv_heads, slots, step.head_dim)
+        mask = torch.full((1, 1, tokens, slots + tokens), -1e30)
         mask[..., :past] = 0
-        mask[..., max_context:] = torch.triu(torch.full((tokens, tokens), -1e30), 1)
+        mask[..., slots:] = torch.triu(torch.full((tokens, tokens), -1e30), 1)
         return (torch.randn(1, tokens, hidden, generator=gen).to(dtype), torch.arange(past, past + tokens)[None],
                 mask.to(dtype), torch.tensor([tokens - 1]), torch.randn(shape, generator=gen).to(dtype),
                 torch.randn(shape, generator=gen).to(dtype))
 
+    # The cache axis is dynamic too: the host passes only the filled slots (manifest kv_cache.slots = "filled"),
+    # so each step copies and attends over the conversation so far, not all max_context slots.
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    slots = torch.export.Dim("slots", min=0, max=max_context)
     path = out / "llm.onnx"
     trace_tokens = max(2, min(chunk, 8))  # length-1 examples get specialised
-    _export(step, example(trace_tokens, 3), path, LLM_IO,
-            ({1: tokens}, {1: tokens}, {2: tokens, 3: tokens + max_context}, None, None, None),
+    _export(step, example(trace_tokens, 3, 5), path, LLM_IO,
+            ({1: tokens}, {1: tokens}, {2: tokens, 3: torch.export.Dim.DYNAMIC}, None, {2: slots}, {2: slots}),
             matmul_nbits.initializer_names(step, model, records or {}))
     error = 0.0
-    for t, past in ((chunk, 5), (1, max_context - 1)):
-        args = example(t, past)
+    for t, past, filled in ((chunk, 0, 0), (chunk, 5, 5), (1, max_context - 1, max_context - 1), (1, 3, max_context)):
+        args = example(t, past, filled)
         with torch.no_grad():
             expected = [x.float().numpy() for x in step(*args)]
         got = _ort_run(path, {n: a.numpy() for n, a in zip(LLM_IO[0], args, strict=True)})
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["vision"] = VISION_INT8
         manifest = build_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                   "float16" if args.dtype == "fp16" else "float32", parity, entry, model=model)
+        manifest["schedule"]["kv_cache"]["slots"] = "filled"  # past_keys / past_values carry the filled slots only
+        manifest["schedule"]["steps"]["prefill"]["min_tokens"] = 1  # T is dynamic: the last chunk is not padded
         write_manifest(out, manifest)
         steps.update()
     steps.close()

@@ -2,7 +2,7 @@
 
 - `VisionStep`: a batch of fixed-size patch rows (one image or slice each) -> `query_num` x H features.
   Position ids, the patch mask and the resampler position table are host inputs (no data-dependent Python).
-- `LanguageModelStep`: T new embeddings + the whole KV cache -> logits of one chosen position and the K/V
+- `LanguageModelStep`: T new embeddings + C KV cache slots -> logits of one chosen position and the K/V
   of the T new tokens. Positions, the additive attention mask and where the new K/V go are the host's
   business, so one graph serves chunked prefill (T = chunk) and decode (T = 1).
 - `AudioChunkStep` (MiniCPM-o): one 1 s chunk of mel frames + the encoder cache of the clip's earlier chunks ->

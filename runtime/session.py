@@ -5,13 +5,13 @@ audio per 1 s chunk (runtime/audio_chunks.py), vision per batch of slices, embed
 vision features, chunked prefill of the new tokens only, then token-by-token decode with sampling and streaming.
 Follow-up turns reuse the cache.
 
-What the LLM step carries between calls comes from the manifest. Older exports: one KV cache
-(`schedule.kv_cache`, host arrays `keys` / `values`). Hybrid exports (MiniCPM-V 4.6 / 4.7, `schedule.state`): the
-per-layer state as data, kept in a `minicpm.cache.StateCache` (valid K/V rows appended, conv and recurrent states
-replaced after every call), positions as M-RoPE rows, prompts from the model's own processor and chat template. The
-schedule (chunked prefill, decode, multi-turn reuse, the context-full policy) is the same code for both. "Context"
-is the full-attention KV: only it grows with the conversation; a linear layer's state has a fixed size whatever
-the length, so `max_context` bounds the KV slots and nothing else.
+What the LLM step carries between calls comes from the manifest. Older exports: one KV cache (`schedule.kv_cache`,
+host arrays `keys` / `values`; with `slots = "filled"` a step gets only the filled slots). Hybrid exports (MiniCPM-V
+4.6 / 4.7, `schedule.state`): the per-layer state as data, kept in a `minicpm.cache.StateCache` (valid K/V rows
+appended, conv and recurrent states replaced after every call), positions as M-RoPE rows, prompts from the model's
+own processor and chat template. The schedule (chunked prefill, decode, multi-turn reuse, the context-full policy)
+is the same code for both. "Context" is the full-attention KV: only it grows with the conversation; a linear layer's
+state has a fixed size whatever the length, so `max_context` bounds the KV slots and nothing else.
 
 Images on hybrid exports: the model's own processor slices them with the prompt (`minicpm.v4_6.HybridPromptBuilder`),
 each slice goes through the vision step alone at the fixed patch row of `steps.vision` (host inputs from
@@ -88,6 +88,9 @@ class Session:
         else:
             self.checkpoint = Checkpoint.open(self.directory)  # config and tokenizer files copied by the exporter
         self.chunk = schedule["prefill_chunk"]
+        # the shortest T the prefill step takes (a graph with dynamic T: 1, so a short chunk is not padded);
+        # None: every call is padded to `chunk`
+        self.min_prefill = schedule["steps"]["prefill"].get("min_tokens")
         self.max_context = schedule["max_context"]
         self.max_patches = pre.get("max_patches")
         self.on_context_full = on_context_full or schedule["on_context_full"]
@@ -118,6 +121,7 @@ class Session:
             shape = (0,) if getattr(self.backend, "owns_cache", False) else kv["shape"]
             self.keys = np.zeros(shape, dtype=self.dtype)
             self.values = np.zeros(shape, dtype=self.dtype)
+            self.filled_slots = kv.get("slots", "all") == "filled" and not getattr(self.backend, "owns_cache", False)
         if hasattr(self.backend, "reset"):
             self.backend.reset()
         self.cache_len = 0  # filled KV slots
@@ -384,11 +388,12 @@ class Session:
         return {k: v.numpy().astype(self.dtype) if v.is_floating_point() else v.numpy() for k, v in batch.items()}
 
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        """Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token."""
+        """Feed the new tokens in chunks of `chunk`; the last one is padded to `chunk`, or only up to the prefill
+        step's `min_tokens` when it takes a shorter T. Logits of the last real token."""
         logits = None
         for start in range(0, len(embeds), self.chunk):
             part = embeds[start:start + self.chunk]
-            logits = self._run_llm(part, self.chunk)
+            logits = self._run_llm(part, self.chunk if self.min_prefill is None else max(len(part), self.min_prefill))
         return logits
 
     def _embed(self, ids: list[int], scale: float) -> np.ndarray:
@@ -403,15 +408,17 @@ class Session:
         x = np.zeros((1, width, hidden), dtype=self.dtype)
         x[0, :n] = embeds
         positions = np.minimum(np.arange(past, past + width), ctx - 1).astype(np.int64)[None]
-        mask = np.full((1, 1, width, ctx + width), NEG_INF, dtype=np.float32)
-        mask[0, 0, :, :past] = 0.0  # every new row sees the filled cache slots
+        # the cache slots the step gets: the filled ones (contiguous copies) or all max_context of them
+        slots = past if self.filled_slots else ctx
+        keys, values = ((np.ascontiguousarray(c[:, :, :past]) for c in (self.keys, self.values)) if self.filled_slots
+                        else (self.keys, self.values))
+        mask = np.full((1, 1, width, slots + width), NEG_INF, dtype=np.float32)
+        mask[0, 0, :n, :past] = 0.0  # every real row sees the filled cache slots
         causal = np.triu(np.full((width, width), NEG_INF, dtype=np.float32), 1)
-        mask[0, 0, :, ctx:] = causal  # and the new tokens up to itself (pad rows too: no empty rows)
-        mask[0, 0, n:, :past] = NEG_INF
+        mask[0, 0, :, slots:] = causal  # and the new tokens up to itself (pad rows too: no empty rows)
         logits, new_keys, new_values = self.backend.llm(
             inputs_embeds=x, position_ids=positions, attention_mask=np.maximum(mask, np.finfo(self.dtype).min)
-            .astype(self.dtype),
-            last_index=np.asarray([n - 1], dtype=np.int64), past_keys=self.keys, past_values=self.values)
+            .astype(self.dtype), last_index=np.asarray([n - 1], dtype=np.int64), past_keys=keys, past_values=values)
         if new_keys is not None:  # stateful backends wrote their own cache
             self.keys[:, :, past:past + n] = new_keys[:, :, :n]
             self.values[:, :, past:past + n] = new_values[:, :, :n]

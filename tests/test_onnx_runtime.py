@@ -117,6 +117,39 @@ def test_prefill_chunk_sizes_give_identical_tokens(exported):
     assert results[1] == results[7] == results[128]
 
 
+def test_steps_get_only_the_filled_cache_slots_and_unpadded_chunks(exported):
+    """kv_cache.slots = "filled": every call gets the slots filled so far (none on the first), its mask spans them
+    plus the new tokens; steps.prefill.min_tokens = 1: the last prefill chunk is not padded. The answer equals the
+    older schedule's (every max_context slot, every chunk padded)."""
+    out = exported("tiny-minicpm-v-4")
+    schedule = read_manifest(out)["schedule"]
+    assert schedule["kv_cache"]["slots"] == "filled" and schedule["steps"]["prefill"]["min_tokens"] == 1
+    messages = [{"role": "user", "content": [IMAGES[1], PROMPTS[0]]}]
+    answers = {}
+    for new in (True, False):
+        session = Session(out, "onnxruntime")
+        session.filled_slots, session.min_prefill = new, (1 if new else None)
+        calls = []
+
+        def record(calls=calls, llm=session.backend.llm, **inputs):
+            calls.append((int(inputs["position_ids"][0, 0]), inputs["past_keys"].shape, inputs["attention_mask"].shape))
+            return llm(**inputs)
+
+        session.backend.llm = record
+        answer = session.ask(messages, SamplingConfig(max_new_tokens=16))
+        answers[new] = answer.token_ids
+        layers, heads, _, dim = session.keys.shape
+        slots = [start if new else MAX_CONTEXT for start, _, _ in calls]
+        assert [past for _, past, _ in calls] == [(layers, heads, n, dim) for n in slots]
+        assert [mask[3] - mask[2] for _, _, mask in calls] == slots
+        prompt, chunk = answer.stats["prompt_tokens"], session.chunk
+        widths = [mask[2] for _, _, mask in calls[:-(len(answer.token_ids) - 1)]]  # the prefill calls
+        rest = prompt % chunk or chunk
+        assert widths == [chunk] * (len(widths) - 1) + [rest if new else chunk] and rest < chunk
+    assert calls[0][0] == 0
+    assert answers[True] == answers[False]
+
+
 def test_torch_backend_runs_the_same_schedule(exported):
     messages = [{"role": "user", "content": [IMAGES[2], PROMPTS[0]]}]
     ort = Session(exported("tiny-minicpm-v-4"), "onnxruntime").ask(messages, SamplingConfig(max_new_tokens=16))

@@ -54,7 +54,7 @@ public struct VisionInputs: Sendable {
 /// One LLM call (prefill chunk or decode step), named as in the manifest: `inputs_embeds [1,T,H]`,
 /// `position_ids [1,T]`, `attention_mask [1,1,T,C+T]` (additive; the C cache slots, then the T new tokens),
 /// `last_index [1]` and the host KV cache `past_keys / past_values [L,kv,C,d]` (shape `[0]` when the backend
-/// owns its cache).
+/// owns its cache; C = the filled slots when the manifest says `kv_cache.slots = "filled"`, else max_context).
 public struct LLMInputs: Sendable {
     public var inputsEmbeds: Tensor<Float>
     public var positionIDs: Tensor<Int64>

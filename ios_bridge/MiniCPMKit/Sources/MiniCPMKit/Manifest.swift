@@ -102,13 +102,23 @@ public struct Manifest: Decodable, Sendable {
         public let headDim: Int
         public let shape: [Int]
         public let dtype: String
-        enum CodingKeys: String, CodingKey { case layers, shape, dtype, kvHeads = "kv_heads", headDim = "head_dim" }
+        /// What `past_keys / past_values` carry: "all" max_context slots (absent: older exports) or only the
+        /// "filled" ones (ONNX: the graph's cache axis is dynamic).
+        public let slots: String?
+        /// True when the host passes only the filled slots.
+        public var filledSlots: Bool { slots == "filled" }
+        enum CodingKeys: String, CodingKey {
+            case layers, shape, dtype, slots, kvHeads = "kv_heads", headDim = "head_dim"
+        }
     }
 
     public struct Step: Decodable, Sendable {
         public let artifact: String
         public let tokens: Int?
         public let function: String?
+        /// The step takes any T from `minTokens` to `tokens` (absent: always `tokens`).
+        public let minTokens: Int?
+        enum CodingKeys: String, CodingKey { case artifact, tokens, function, minTokens = "min_tokens" }
     }
 
     public struct Schedule: Decodable, Sendable {

@@ -25,6 +25,8 @@ public actor Session {
     private let table: EmbeddingTable
     private let halfPrecision: Bool  // a float16 export: graph inputs rounded to float16 values
     private let kvShape: [Int]
+    private let filledSlots: Bool  // past_keys / past_values carry the filled slots only (ONNX exports)
+    private let minPrefill: Int?  // the prefill step's shortest T (nil: every chunk padded to prefillChunk)
     private var keys: [Float] = []
     private var values: [Float] = []
 
@@ -58,6 +60,8 @@ public actor Session {
         self.table = try EmbeddingTable(manifest: manifest)
         self.halfPrecision = manifest.model.dtype == "float16"
         self.kvShape = schedule.kvCache.shape
+        self.filledSlots = schedule.kvCache.filledSlots
+        self.minPrefill = schedule.steps["prefill"]?.minTokens
         guard kvShape.count == 4, kvShape[2] == maxContext else {
             throw MiniCPMError.invalidExport("manifest.json: kv_cache shape \(kvShape) is not [layers, kv_heads, "
                                              + "\(maxContext), head_dim]")
@@ -225,13 +229,15 @@ public actor Session {
         }
     }
 
-    /// Feed the new tokens in fixed-size chunks (the last one padded); logits of the last real token.
+    /// Feed the new tokens in chunks of `prefillChunk`; the last one is padded to it, or only up to the prefill
+    /// step's `min_tokens` when it takes a shorter T. Logits of the last real token.
     private func prefill(_ embeds: [Float], tokens: Int) async throws -> [Float] {
         let h = table.hiddenSize
         var logits: [Float] = []
         for start in stride(from: 0, to: tokens, by: prefillChunk) {
             let n = min(prefillChunk, tokens - start)
-            logits = try await runLLM(Array(embeds[start * h..<(start + n) * h]), count: n, width: prefillChunk)
+            let width = minPrefill.map { max(n, $0) } ?? prefillChunk
+            logits = try await runLLM(Array(embeds[start * h..<(start + n) * h]), count: n, width: width)
         }
         return logits
     }
@@ -243,13 +249,14 @@ public actor Session {
             var x = [Float](repeating: 0, count: width * h)
             x.replaceSubrange(0..<n * h, with: halfPrecision ? embeds.map(HalfFloat.round) : embeds)
             let positions = (0..<width).map { Int64(min(past + $0, ctx - 1)) }
+            let slots = filledSlots ? past : ctx
             let inputs = LLMInputs(
                 inputsEmbeds: Tensor(shape: [1, width, h], scalars: x),
                 positionIDs: Tensor(shape: [1, width], scalars: positions),
-                attentionMask: Tensor(shape: [1, 1, width, ctx + width], scalars: mask(count: n, width: width)),
+                attentionMask: Tensor(shape: [1, 1, width, slots + width],
+                                      scalars: mask(count: n, width: width, slots: slots)),
                 lastIndex: Tensor(shape: [1], scalars: [Int64(n - 1)]),
-                pastKeys: Tensor(shape: backend.ownsCache ? [0] : kvShape, scalars: keys),
-                pastValues: Tensor(shape: backend.ownsCache ? [0] : kvShape, scalars: values))
+                pastKeys: pastCache(keys), pastValues: pastCache(values))
             return try await backend.llm(inputs)
         }()
         if !backend.ownsCache {  // stateful backends wrote their own cache
@@ -267,15 +274,27 @@ public actor Session {
         return outputs.logits.scalars
     }
 
-    /// The additive mask `[1,1,width,ctx+width]`: every real row sees the filled cache slots, every row sees the
+    /// The cache the step gets: empty when the backend owns it, the filled slots `[L,kv,past,d]` when the manifest
+    /// says `kv_cache.slots = "filled"`, else all of it.
+    private func pastCache(_ cache: [Float]) -> Tensor<Float> {
+        if backend.ownsCache { return Tensor(shape: [0], scalars: []) }
+        guard filledSlots else { return Tensor(shape: kvShape, scalars: cache) }
+        let (rows, slots, dim, past) = (kvShape[0] * kvShape[1], kvShape[2], kvShape[3], cacheLength)
+        var filled = [Float]()
+        filled.reserveCapacity(rows * past * dim)
+        for r in 0..<rows { filled.append(contentsOf: cache[r * slots * dim..<(r * slots + past) * dim]) }
+        return Tensor(shape: [kvShape[0], kvShape[1], past, dim], scalars: filled)
+    }
+
+    /// The additive mask `[1,1,width,slots+width]`: every real row sees the filled cache slots, every row sees the
     /// new tokens up to itself (pad rows too: no empty rows), clamped to the dtype's lowest finite value.
-    private func mask(count n: Int, width: Int) -> [Float] {
-        let ctx = maxContext, past = cacheLength, cols = ctx + width
+    private func mask(count n: Int, width: Int, slots: Int) -> [Float] {
+        let past = cacheLength, cols = slots + width
         let low = halfPrecision ? max(Self.negInf, -65504) : Self.negInf
         var m = [Float](repeating: low, count: width * cols)
         for r in 0..<width {
             if r < n { for c in 0..<past { m[r * cols + c] = 0 } }
-            for c in 0...r { m[r * cols + ctx + c] = 0 }
+            for c in 0...r { m[r * cols + slots + c] = 0 }
         }
         return m
     }

@@ -158,10 +158,12 @@ final class ReplayBackend: Backend, @unchecked Sendable {  // used only from ins
     private(set) var mirrorKeys: [Float]
     private(set) var mirrorValues: [Float]
     private let kvCount: Int
+    private let kvShape: [Int]
 
     init(_ trace: Trace, kvShape: [Int], ownsCache: Bool = false) {
         self.ownsCache = ownsCache
         calls = trace.calls
+        self.kvShape = kvShape
         kvCount = kvShape.reduce(1, *)
         mirrorKeys = [Float](repeating: 0, count: kvCount)
         mirrorValues = mirrorKeys
@@ -207,11 +209,20 @@ final class ReplayBackend: Backend, @unchecked Sendable {  // used only from ins
             try Self.same(at, "past_values", inputs.pastValues, Tensor(shape: [0], scalars: []))
             return LLMOutputs(logits: want.logits)
         }
-        try Self.same(at, "past_keys", inputs.pastKeys, Tensor(shape: want.pastShape, scalars: mirrorKeys))
-        try Self.same(at, "past_values", inputs.pastValues, Tensor(shape: want.pastShape, scalars: mirrorValues))
-        Self.write(want.newKeys, count: want.writeCount, at: want.writeStart, into: &mirrorKeys, shape: want.pastShape)
-        Self.write(want.newValues, count: want.writeCount, at: want.writeStart, into: &mirrorValues, shape: want.pastShape)
+        // the trace's past shape says how many slots the step got (the filled ones, or all of them)
+        try Self.same(at, "past_keys", inputs.pastKeys, Self.leading(want.pastShape, of: mirrorKeys, shape: kvShape))
+        try Self.same(at, "past_values", inputs.pastValues, Self.leading(want.pastShape, of: mirrorValues, shape: kvShape))
+        Self.write(want.newKeys, count: want.writeCount, at: want.writeStart, into: &mirrorKeys, shape: kvShape)
+        Self.write(want.newValues, count: want.writeCount, at: want.writeStart, into: &mirrorValues, shape: kvShape)
         return LLMOutputs(logits: want.logits, newKeys: want.newKeys, newValues: want.newValues)
+    }
+
+    /// The first `want[2]` slots of every layer and head of the mirror `cache` (laid out as `shape`).
+    private static func leading(_ want: [Int], of cache: [Float], shape: [Int]) -> Tensor<Float> {
+        guard want.count == 4, want[2] <= shape[2] else { return Tensor(shape: [0], scalars: []) }  // shape deviation
+        let (rows, slots, dim) = (shape[0] * shape[1], shape[2], shape[3])
+        let scalars = (0..<rows).flatMap { r in cache[r * slots * dim..<(r * slots + want[2]) * dim] }
+        return Tensor(shape: want, scalars: scalars)
     }
 
     /// The trace's cache write: slots [start, start+count) of every layer and head.
@@ -453,7 +464,7 @@ struct TraceDeviationTests {
 
     @Test("one changed mask cell names the call and the cell")
     func mask() async throws {
-        let trace = try Self.tampered { $0.attentionMask.scalars[2 * (256 + 7) + 5] = -1e30 }
+        let trace = try Self.tampered { $0.attentionMask.scalars[2 * (14 + 7) + 5] = -1e30 }  // 14 filled slots + 7 new
         let failures = try await replayTrace(trace)
         #expect(failures == ["call 4 (llm): attention_mask[0,0,2,5] is 0.0, trace has \(Float(-1e30))"])
     }
