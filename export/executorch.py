@@ -371,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                  **({"video": {"artifact": "program", "function": "video_encoder", "frames": VIDEO_FRAME_SLOTS,
                                "batch": 1}} if "video_encoder" in methods else {}),
                  **({"audio": audio_step(model, "program", "audio_encoder")} if "audio_encoder" in methods else {}),
-                 "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk},
+                 "prefill": {"artifact": "program", "function": prefill, "tokens": args.prefill_chunk,
+                             # a dynamic text_decoder (XNNPACK) takes the last chunk unpadded
+                             **({"min_tokens": 1} if methods[prefill].dynamic else {})},
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32",
                                   errors, quant.manifest(**facts), steps, model=model)

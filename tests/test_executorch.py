@@ -148,6 +148,32 @@ def test_two_turn_conversation_reuses_the_cache(exported, tiny, name):
         assert a2.stats["prompt_tokens"] == len(t2.input_ids) + (a1.stats["finish_reason"] == "length")
 
 
+def test_the_last_prefill_chunk_is_not_padded(exported):
+    """XNNPACK's text_decoder takes T = 1..chunk (steps.prefill.min_tokens = 1): a prompt's last chunk goes in at its
+    own length, and the answer equals the padded schedule's; the Core ML delegate's fixed prefill keeps padding."""
+    assert "min_tokens" not in read_manifest(exported("coreml"))["schedule"]["steps"]["prefill"]
+    out = exported("tiny-minicpm-v-4")
+    assert read_manifest(out)["schedule"]["steps"]["prefill"]["min_tokens"] == 1
+    messages = [{"role": "user", "content": [IMAGES[1], PROMPTS[0]]}]
+    answers = {}
+    for padded in (False, True):
+        session = Session(out, "executorch")
+        session.chunk, session.min_prefill = 7, (None if padded else 1)
+        widths = []
+
+        def record(widths=widths, llm=session.backend.llm, **inputs):
+            widths.append(inputs["inputs_embeds"].shape[1])
+            return llm(**inputs)
+
+        session.backend.llm = record
+        answer = session.ask(messages, SamplingConfig(max_new_tokens=16))
+        prefill = widths[:len(widths) - (len(answer.token_ids) - 1)]
+        rest = answer.stats["prompt_tokens"] % 7
+        assert 0 < rest and prefill == [7] * (len(prefill) - 1) + [7 if padded else rest]
+        answers[padded] = answer.token_ids
+    assert answers[False] == answers[True]
+
+
 def test_reset_zeroes_the_cache_in_place(exported):
     """reset() zeroes the program's cache buffers through their names (no reload): a conversation after a
     reset is bit-identical to one on a freshly loaded program."""
