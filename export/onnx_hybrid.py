@@ -319,7 +319,9 @@ def export_hybrid(args: argparse.Namespace) -> int:
         manifest = build_hybrid_manifest("onnx", ckpt, args.model, artifacts, files, args,
                                          "float16" if args.dtype == "fp16" else "float32", parity, spec,
                                          {"vision": vision,
-                                          "prefill": {"artifact": "llm", "tokens": args.prefill_chunk},
+                                          # any T: the graph pads to whole sub-chunks itself
+                                          "prefill": {"artifact": "llm", "tokens": args.prefill_chunk,
+                                                      "min_tokens": 1},
                                           "decode": {"artifact": "llm", "tokens": 1}}, entry)
         write_manifest(out, manifest)
         steps.update()

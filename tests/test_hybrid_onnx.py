@@ -77,6 +77,7 @@ def test_manifest_describes_the_state(exported, hybrid, name):
     assert [t["name"] for t in llm["inputs"]] == inputs and [t["name"] for t in llm["outputs"]] == outputs
     assert outputs[1:] == ["new_keys", "new_values", "new_conv_state", "new_recurrent_state"]
     assert manifest["quantization"]["method"] == "none"
+    assert schedule["steps"]["prefill"]["min_tokens"] == 1  # the graph pads T to whole sub-chunks itself
 
 
 @pytest.mark.parametrize("chunk", [7, 128])
@@ -85,11 +86,21 @@ def test_greedy_tokens_equal_transformers_generate(exported, hybrid, name, chunk
     ckpt, model = hybrid(name)
     session = Session(exported(name), "onnxruntime")
     session.chunk = chunk  # the graph's token count is dynamic up to the export's --prefill-chunk
+    widths = []
+
+    def record(llm=session.backend.llm, **inputs):
+        widths.append(inputs["inputs_embeds"].shape[1])
+        return llm(**inputs)
+
+    session.backend.llm = record
     new = 12
     ids = prompt_inputs(ckpt.processor, [{"role": "user", "content": [{"type": "text", "text": FIRST[0]["content"][0]}]}
                                          ])["input_ids"][0].tolist()
     got = session.ask(FIRST, SamplingConfig(max_new_tokens=new))
     assert got.stats["prompt_tokens"] == len(ids) and len(ids) > chunk or chunk == CHUNK
+    # every chunk at its own length: the last one is not padded (min_tokens = 1)
+    prefill = widths[:len(widths) - len(got.token_ids) + 1]
+    assert prefill == [min(chunk, len(ids) - start) for start in range(0, len(ids), chunk)]
     assert got.token_ids == _reference(ckpt, model, ids, new)
     assert len(set(got.token_ids)) > 1
 
