@@ -91,6 +91,8 @@ class Session:
         # the shortest T the prefill step takes (a graph with dynamic T: 1, so a short chunk is not padded);
         # None: every call is padded to `chunk`
         self.min_prefill = schedule["steps"]["prefill"].get("min_tokens")
+        # the step's cache axis: the filled slots only (and the mask over them), or all max_context slots
+        self.filled_slots = schedule.get("kv_cache", {}).get("slots") == "filled"
         self.max_context = schedule["max_context"]
         self.max_patches = pre.get("max_patches")
         self.on_context_full = on_context_full or schedule["on_context_full"]
@@ -121,7 +123,6 @@ class Session:
             shape = (0,) if getattr(self.backend, "owns_cache", False) else kv["shape"]
             self.keys = np.zeros(shape, dtype=self.dtype)
             self.values = np.zeros(shape, dtype=self.dtype)
-            self.filled_slots = kv.get("slots", "all") == "filled" and not getattr(self.backend, "owns_cache", False)
         if hasattr(self.backend, "reset"):
             self.backend.reset()
         self.cache_len = 0  # filled KV slots
@@ -408,10 +409,12 @@ class Session:
         x = np.zeros((1, width, hidden), dtype=self.dtype)
         x[0, :n] = embeds
         positions = np.minimum(np.arange(past, past + width), ctx - 1).astype(np.int64)[None]
-        # the cache slots the step gets: the filled ones (contiguous copies) or all max_context of them
+        # the cache slots the step gets: the filled ones (contiguous copies) or all max_context of them; a backend
+        # that owns its cache gets the empty host arrays either way (as MiniCPMKit's Session.pastCache)
         slots = past if self.filled_slots else ctx
-        keys, values = ((np.ascontiguousarray(c[:, :, :past]) for c in (self.keys, self.values)) if self.filled_slots
-                        else (self.keys, self.values))
+        keys, values = self.keys, self.values
+        if self.filled_slots and not getattr(self.backend, "owns_cache", False):
+            keys, values = (np.ascontiguousarray(c[:, :, :past]) for c in (keys, values))
         mask = np.full((1, 1, width, slots + width), NEG_INF, dtype=np.float32)
         mask[0, 0, :n, :past] = 0.0  # every real row sees the filled cache slots
         causal = np.triu(np.full((width, width), NEG_INF, dtype=np.float32), 1)

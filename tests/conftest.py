@@ -194,3 +194,15 @@ def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     phase = 2 * np.pi * np.cumsum(f0) / rate
     voice = sum(np.sin(k * phase) / k for k in range(1, 6)) * np.sin(np.pi * syllables * t) ** 2
     return (0.3 * voice + 0.01 * rng.randn(t.size)).astype(np.float32)
+
+
+def record_llm_calls(session) -> list[dict]:
+    """Wrap `session.backend.llm`: every call's inputs (the arrays as passed) are appended to the returned list."""
+    calls, llm = [], session.backend.llm
+
+    def record(**inputs):
+        calls.append(inputs)
+        return llm(**inputs)
+
+    session.backend.llm = record
+    return calls

@@ -33,7 +33,7 @@ from minicpm.prompt import Prompt
 from minicpm.split import VisionStep
 from runtime.manifest import read_manifest
 from runtime.session import Session
-from tests.conftest import ROOT, noise_image
+from tests.conftest import ROOT, noise_image, record_llm_calls
 
 MAX_CONTEXT = 640
 EXPORTS = {  # key -> (tiny model, extra exporter arguments)
@@ -159,14 +159,9 @@ def test_the_last_prefill_chunk_is_not_padded(exported):
     for padded in (False, True):
         session = Session(out, "executorch")
         session.chunk, session.min_prefill = 7, (None if padded else 1)
-        widths = []
-
-        def record(widths=widths, llm=session.backend.llm, **inputs):
-            widths.append(inputs["inputs_embeds"].shape[1])
-            return llm(**inputs)
-
-        session.backend.llm = record
+        calls = record_llm_calls(session)
         answer = session.ask(messages, SamplingConfig(max_new_tokens=16))
+        widths = [c["inputs_embeds"].shape[1] for c in calls]
         prefill = widths[:len(widths) - (len(answer.token_ids) - 1)]
         rest = answer.stats["prompt_tokens"] % 7
         assert 0 < rest and prefill == [7] * (len(prefill) - 1) + [7 if padded else rest]

@@ -18,7 +18,7 @@ from minicpm.hybrid_step import HybridLanguageModelStep
 from minicpm.v4_6 import prompt_inputs
 from runtime.manifest import read_manifest
 from runtime.session import ContextFull, Session
-from tests.conftest import noise_image
+from tests.conftest import noise_image, record_llm_calls
 
 NAMES = ["tiny-minicpm-v-4.6", "tiny-minicpm-v-4.7"]
 MAX_CONTEXT, CHUNK = 768, 128  # room for test_hybrid_images' three images (590 prompt tokens)
@@ -86,20 +86,14 @@ def test_greedy_tokens_equal_transformers_generate(exported, hybrid, name, chunk
     ckpt, model = hybrid(name)
     session = Session(exported(name), "onnxruntime")
     session.chunk = chunk  # the graph's token count is dynamic up to the export's --prefill-chunk
-    widths = []
-
-    def record(llm=session.backend.llm, **inputs):
-        widths.append(inputs["inputs_embeds"].shape[1])
-        return llm(**inputs)
-
-    session.backend.llm = record
+    calls = record_llm_calls(session)
     new = 12
     ids = prompt_inputs(ckpt.processor, [{"role": "user", "content": [{"type": "text", "text": FIRST[0]["content"][0]}]}
                                          ])["input_ids"][0].tolist()
     got = session.ask(FIRST, SamplingConfig(max_new_tokens=new))
     assert got.stats["prompt_tokens"] == len(ids) and len(ids) > chunk or chunk == CHUNK
     # every chunk at its own length: the last one is not padded (min_tokens = 1)
-    prefill = widths[:len(widths) - len(got.token_ids) + 1]
+    prefill = [c["inputs_embeds"].shape[1] for c in calls[:len(calls) - len(got.token_ids) + 1]]
     assert prefill == [min(chunk, len(ids) - start) for start in range(0, len(ids), chunk)]
     assert got.token_ids == _reference(ckpt, model, ids, new)
     assert len(set(got.token_ids)) > 1

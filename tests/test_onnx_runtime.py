@@ -16,7 +16,7 @@ from minicpm.prompt import Prompt
 from minicpm.split import LanguageModelStep, VisionStep
 from runtime.manifest import read_manifest
 from runtime.session import ContextFull, Session
-from tests.conftest import noise_image
+from tests.conftest import noise_image, record_llm_calls
 
 MAX_CONTEXT = 640
 EXPORTS_AHEAD = [("onnx", name, "--max-context", str(MAX_CONTEXT))  # queued at session start
@@ -129,14 +129,9 @@ def test_steps_get_only_the_filled_cache_slots_and_unpadded_chunks(exported):
     for new in (True, False):
         session = Session(out, "onnxruntime")
         session.filled_slots, session.min_prefill = new, (1 if new else None)
-        calls = []
-
-        def record(calls=calls, llm=session.backend.llm, **inputs):
-            calls.append((int(inputs["position_ids"][0, 0]), inputs["past_keys"].shape, inputs["attention_mask"].shape))
-            return llm(**inputs)
-
-        session.backend.llm = record
+        recorded = record_llm_calls(session)
         answer = session.ask(messages, SamplingConfig(max_new_tokens=16))
+        calls = [(int(c["position_ids"][0, 0]), c["past_keys"].shape, c["attention_mask"].shape) for c in recorded]
         answers[new] = answer.token_ids
         layers, heads, _, dim = session.keys.shape
         slots = [start if new else MAX_CONTEXT for start, _, _ in calls]
