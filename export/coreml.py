@@ -41,11 +41,11 @@ write stays in bounds and all shapes are static (no flexible shapes: states cann
 compile static shapes only). Masked slots contribute exact zeros: a fresh `make_state()` (zeros) per
 conversation is all the reset there is.
 
-Weights. int4 records from quant/ (AWQ by default) are written bit for bit: each quantised Linear keeps its
-dequantised weight and carries `_COREML_/weight/{compression_type=[3], quantization_n_bits,
-quantization_scale, zero_point}` buffers (plus `_COREML_/metadata_version` on the root), which the iOS 18
-converter turns into `constexpr_blockwise_shift_scale(data=codes, scale, offset=zeros)`. lm_head: per-row int8
-records the same way (`--lm-head int8`, the default when quantising) or float. RMSNorm (variance, rsqrt)
+Weights. int4 records from quant/ (AWQ by default) are written bit for bit (export/coreml_weights.py): each
+quantised Linear becomes a `BlockwiseLinear` holding the record's codes, which the converter writes as
+`constexpr_blockwise_shift_scale(data=codes, scale, offset=zeros)` (uint4; uint8 for the `--lm-head int8` per-row
+records). `--quant int4-rtn` or `none` on a checkpoint streams it: each Linear is read alone and installed as its
+codes, so no float copy of the LLM is held (a full-size model exports within memory). RMSNorm (variance, rsqrt)
 stays float32 inside fp16 programs: Qwen3 activations reach 15k-30k and their squares overflow fp16. The torch
 modules are traced in float32 (coremltools' torch frontend expects float32 and casts to fp16 itself).
 
@@ -61,6 +61,7 @@ import argparse
 import gc
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ from export.bundle import (
     vision_example,
     write_embedding_table,
 )
+from export.coreml_merge import merge_packages
 from export.coreml_package import (
     GENERATOR,
     convert,
@@ -99,7 +101,9 @@ from export.coreml_package import (
     tag_fp32,
     tree_size,
 )
-from export.quantization import QUANT_METHODS, Quantization, add_quantize_audio_argument, audio_records, quantized_model
+from export.coreml_weights import install_records, open_weights
+from export.onnx_weights import AUDIO, LLM, VISION, MemoryStatus, memory_note
+from export.quantization import QUANT_METHODS, add_quantize_audio_argument
 from export.stateful_audio import AUDIO_INPUTS, StatefulAudioEncoder, audio_state
 from ios_bridge.bundle import write_readme
 from minicpm.checkpoint import Checkpoint
@@ -115,7 +119,6 @@ FUNCTIONS = ("prefill", "decode")
 COMPRESSION = {"format": "constexpr_blockwise_shift_scale: the records' codes, float16 scales and zero points"}
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 TARGETS = ("iOS18", "macOS15")  # the first targets with states and constexpr_blockwise_shift_scale
-COMPRESSION_QUANTIZATION = 3  # coremltools' CompressionType.QUANTIZATION
 MASK_FILL = -65504.0  # slack columns: the most negative fp16 (finite; exact zero weight after softmax)
 
 
@@ -176,69 +179,13 @@ class StatefulLanguageModel(nn.Module):
             getattr(self, name).zero_()
 
 
-def language_model(model: MiniCPMV, records: dict, max_context: int, chunk: int,
-                   precision: str = "fp16") -> StatefulLanguageModel:
-    """The LLM module the converter gets: float32 weights (the converter's torch frontend expects a float32 model
-    and casts to fp16 itself), records checked against them and attached as compression metadata, fp16 state
-    buffers. Modifies `model` (buffers on its Linears); the weights are shared, not copied."""
+def language_model(model: MiniCPMV, max_context: int, chunk: int) -> StatefulLanguageModel:
+    """The LLM module the converter gets: the model's float32 weights and installed records (load_model), fp16
+    state buffers. The weights are shared, not copied."""
     try:
-        wrapper = StatefulLanguageModel(model, max_context, chunk)
+        return StatefulLanguageModel(model, max_context, chunk).eval()
     except ValueError as e:  # e.g. a context beyond the rope table's original length
         raise UserError(str(e)) from None
-    check_records(model, records)
-    attach_compression(model, records, torch.float16 if precision == "fp16" else torch.float32)
-    # coremltools reads the compression metadata version from the root of the traced module.
-    wrapper.register_buffer("_COREML_/metadata_version", torch.tensor(2))
-    return wrapper.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Quantisation: records from quant/, attached as Core ML compression metadata
-# ---------------------------------------------------------------------------------------------------------
-
-
-def prepare_model(ckpt: Checkpoint, quant: str | None = None, group_size: int | None = None,
-                  lm_head: str | None = None, samples: int = 64, seq_len: int = 512,
-                  calib: str | None = None, quantize_audio: bool | None = None) -> tuple[MiniCPMV, dict, Quantization]:
-    """The float32 model with its quantised weights installed, the records to write (LLM, and audio encoder with
-    quantize_audio), and a summary (export.quantization). Defaults for Core ML: quant None = a quantised checkpoint's
-    own method, else int4-awq; lm_head None = int8 when quantising."""
-    return quantized_model(ckpt, quant, group_size, None, lm_head, samples, calib, seq_len, default="int4-awq",
-                           default_lm_head="int8", quantize_audio=quantize_audio)
-
-
-def check_records(model: MiniCPMV, records: dict) -> None:
-    """Each record must name a Linear whose weight is exactly (codes - zeros) * scales: the converter derives
-    the codes from the weight, so anything else would silently write other codes."""
-    for name, record in records.items():
-        record.check(name)
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"quantisation record {name} names no module of the model") from None
-        if not isinstance(module, nn.Linear):
-            raise UserError(f"quantisation record {name} is a {type(module).__name__}; Core ML int4/int8 weights "
-                            "are written for Linear layers only")
-        if tuple(module.weight.shape) != record.shape:
-            raise UserError(f"quantisation record {name} is {list(record.shape)}, the weight is "
-                            f"{list(module.weight.shape)}")
-        if not torch.equal(module.weight.detach().float(), record.dequantize(torch.float32)):
-            raise UserError(f"quantisation record {name} does not match the model's weight (install the records "
-                            "into the model before exporting, as quant.checkpoint.load_quantized does)")
-
-
-def attach_compression(model: MiniCPMV, records: dict, dtype: torch.dtype) -> None:
-    """Register the `_COREML_/weight/*` buffers on each recorded Linear: the iOS 18 converter then emits
-    constexpr_blockwise_shift_scale with data = round(w / scale) + zero_point = our codes (w is exactly
-    (codes - zeros) * scales in float32, so w / scale is exactly the integer code - zero)."""
-    for name, record in records.items():
-        module = model.get_submodule(name)
-        module.register_buffer("_COREML_/weight/compression_type", torch.tensor([COMPRESSION_QUANTIZATION]))
-        module.register_buffer("_COREML_/weight/quantization_n_bits", torch.tensor(record.bits))
-        # The constexpr's output dtype is the scale's: fp16 weights in fp16 programs, fp32 in fp32 ones (float16
-        # scale values are exact in both).
-        module.register_buffer("_COREML_/weight/quantization_scale", record.scales.to(dtype).clone())
-        module.register_buffer("_COREML_/weight/zero_point", record.zeros.clone())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,13 +323,15 @@ def llm_example(wrapper: StatefulLanguageModel, tokens: int) -> tuple[torch.Tens
 
 
 def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: argparse.Namespace,
-                         progress: tqdm) -> dict[str, Path]:
-    """Convert the prefill and decode functions one at a time into single-function packages in `parts`."""
+                         progress: tqdm, status: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Convert the prefill and decode functions one at a time into single-function packages in `parts`
+    (`status`: what the progress bar says, default its postfix)."""
+    status = status or progress.set_postfix_str
     floating = np_float(args)
     hidden, context = wrapper.step.norm.weight.shape[0], wrapper.max_context
     paths = {}
     for name, tokens in (("prefill", args.prefill_chunk), ("decode", 1)):
-        progress.set_postfix_str(f"llm {name} (T={tokens}): torch.export")
+        status(f"llm {name} (T={tokens}): torch.export")
         program = export_program(wrapper, llm_example(wrapper, tokens))
         if args.precision == "fp16" and not tag_fp32(program):
             raise UserError("found no RMSNorm modules to keep in float32 (unexpected LLM layout)")
@@ -390,7 +339,7 @@ def export_llm_functions(ct, wrapper: StatefulLanguageModel, parts: Path, args: 
                   ct.TensorType(name="position_ids", shape=(1, tokens), dtype=np.int32),
                   ct.TensorType(name="attention_mask", shape=(1, 1, tokens, context + tokens), dtype=floating),
                   ct.TensorType(name="last_index", shape=(1,), dtype=np.int32)]
-        progress.set_postfix_str(f"llm {name} (T={tokens}): converting")
+        status(f"llm {name} (T={tokens}): converting")
         paths[name] = save_llm_function(ct, program, inputs, args, parts / f"{name}.mlpackage")
         del program
         gc.collect()
@@ -423,15 +372,13 @@ def export_audio(ct, model: MiniCPMV, out: Path, args: argparse.Namespace, metad
     """audio.mlpackage; returns its path and the errors over the three chunks of `audio_example` against the
     stateless `AudioChunkStep` with its host float32 cache: the exported program (float16 state, what is
     converted) as "audio", the same graph with float32 state as "audio_fp32_state". `records`: the audio
-    encoder's, attached as compression metadata (as the LLM's)."""
+    encoder's, installed as their codes first (load_model has installed them already in an export)."""
+    if records:
+        install_records(model, records, half=args.precision == "fp16")
     step = AudioChunkStep(model).eval()
     examples = audio_example(model)
     expected = [step(**e)[0] for e in examples]
     wrapper = StatefulAudioEncoder(step, torch.float16, write="slice")  # Core ML states are float16 only
-    if records:
-        check_records(model, records)
-        attach_compression(model, records, torch.float16 if args.precision == "fp16" else torch.float32)
-        wrapper.register_buffer("_COREML_/metadata_version", torch.tensor(2))
     program = export_program(wrapper, tuple(examples[0][n] for n in AUDIO_INPUTS))
     errors = {"audio": chunks_error(program.module(), examples, expected),
               "audio_fp32_state": chunks_error(StatefulAudioEncoder(step, torch.float32, write="slice"), examples,
@@ -455,13 +402,9 @@ def coreml_audio_state(model: MiniCPMV) -> dict:
 
 
 def merge_functions(ct, parts: dict[str, Path], path: Path, default: str, description: str, metadata: dict) -> None:
-    """One multifunction package: identical weights are stored once (const deduplication across functions)."""
-    desc = ct.utils.MultiFunctionDescriptor()
-    for name, part in parts.items():
-        desc.add_function(str(part), src_function_name="main", target_function_name=name)
-    desc.default_function_name = default
-    with quiet_converter():
-        ct.utils.save_multifunction(desc, str(path))
+    """One multifunction package, the functions' common weights stored once (export/coreml_merge.py: without
+    loading them, unlike coremltools' save_multifunction)."""
+    merge_packages(parts, path, default)
     # Metadata goes into the package's spec file directly: reloading and saving would rewrite the weights.
     from coremltools.libmodelpackage import ModelPackage  # noqa: PLC0415
 
@@ -525,40 +468,44 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=9, desc="export.coreml", unit="step")
     progress.set_postfix_str("loading checkpoint, quantising" if args.quant != "none" else "loading checkpoint")
     ckpt = Checkpoint.open(args.model)
-    model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
-                                          args.seq_len, args.calib, args.quantize_audio or None)
+    weights = open_weights(ckpt, args)  # records installed as their codes (a streamed model: part by part)
+    model, quant = weights.model, weights.quant
     progress.update()
     dtype_name = "float16" if args.precision == "fp16" else "float32"
     slots = args.max_context + args.prefill_chunk
     metadata = {"generator": GENERATOR, "model": args.model, "variant": ckpt.config.variant.name,
                 "precision": args.precision, "target": args.target, "quantization": quant.method,
                 "group_size": quant.group_size or "-", "lm_head": quant.lm_head}
-    rows, parity, artifacts = [], {}, {}
-    with staged_directory(args.out) as out:
+    rows, parity, artifacts, memory = [], {}, {}, {"load": memory_note()}
+    with MemoryStatus(progress) as status, staged_directory(args.out) as out:
         t = time.perf_counter()
-        progress.set_postfix_str("vision package")
-        vision, errors = export_vision(ct, model, out, args, metadata)
+        status("vision package")
+        with weights.part(VISION):
+            vision, errors = export_vision(ct, model, out, args, metadata)
         parity.update(errors)
         rows.append(("vision.mlpackage" + (" (+video)" if "video" in errors else ""), tree_size(vision),
                      max(errors.values()), time.perf_counter() - t))
-        # build_manifest reads the patch grid from the model; keep that fact only.
-        # The vision weights are not needed any more: release them before the LLM is traced.
+        # build_manifest reads the patch grid from the model; keep that fact only (a loaded model's vision weights
+        # go before the LLM is traced).
         del model.vpm, model.resampler
         gc.collect()
+        memory["vision"] = memory_note()
         progress.update()
 
         if hasattr(model, "apm"):  # MiniCPM-o: the audio encoder, one 1 s chunk per call
             t = time.perf_counter()
-            progress.set_postfix_str("audio package")
-            audio, errors = export_audio(ct, model, out, args, metadata, audio_records(records))
+            status("audio package")
+            with weights.part(AUDIO):
+                audio, errors = export_audio(ct, model, out, args, metadata)
             parity.update(errors)
             rows.append(("audio.mlpackage", tree_size(audio), errors["audio"], time.perf_counter() - t))
+            memory["audio"] = memory_note()
         progress.update()
 
-        progress.set_postfix_str("embedding table, tokenizer")
+        status("embedding table, tokenizer")
         t = time.perf_counter()
         table_dtype = torch.float16 if args.precision == "fp16" else torch.float32
-        artifacts["token_embedding"] = write_embedding_table(model, out, table_dtype)
+        artifacts["token_embedding"] = write_embedding_table(None, out, table_dtype, weights.embedding_table())
         artifacts["token_embedding"]["note"] = (
             "gathered by the host (a lookup is a memcpy); prompt rows times schedule.prompt_embedding_scale, "
             "generated rows times schedule.generated_embedding_scale (upstream scales prompt text only)")
@@ -567,33 +514,36 @@ def main(argv: list[str] | None = None) -> int:
         progress.update()
 
         t = time.perf_counter()
-        progress.set_postfix_str("llm: eager reference")
-        expected = reference_logits(model, args.max_context, args.prefill_chunk)
-        wrapper = language_model(model, records, args.max_context, args.prefill_chunk, args.precision)
-        del records  # the codes are re-derived by the converter from the weights (checked equal): free them
-        parity["llm"] = wrapper_error(wrapper, ckpt.config.hidden_size, expected)
-        del expected
-        state_shape = list(wrapper.k_cache_0.shape)
-        layers, state_names = wrapper.layers, wrapper.state_names
-        progress.update()
+        status("llm: eager reference")
         parts_dir = out / ".functions"
         parts_dir.mkdir()
-        parts = export_llm_functions(ct, wrapper, parts_dir, args, progress)
+        with weights.part(LLM):
+            expected = reference_logits(model, args.max_context, args.prefill_chunk)
+            wrapper = language_model(model, args.max_context, args.prefill_chunk)
+            parity["llm"] = wrapper_error(wrapper, ckpt.config.hidden_size, expected)
+            del expected
+            state_shape = list(wrapper.k_cache_0.shape)
+            layers, state_names = wrapper.layers, wrapper.state_names
+            progress.update()
+            parts = export_llm_functions(ct, wrapper, parts_dir, args, progress, status)
+            del wrapper  # (it holds the head) the part's weights go when the block ends
         # Both functions are on disk: release the LLM weights before the merge loads the two programs (the
         # model object stays for the manifest's audio facts).
-        del wrapper, model.llm
+        del model.llm
         gc.collect()
-        progress.set_postfix_str("llm: multifunction package")
+        memory["llm functions"] = memory_note()
+        status("llm: multifunction package")
         llm = out / "llm.mlpackage"
         merge_functions(ct, parts, llm, "decode", "MiniCPM-V LLM: functions prefill (T = prefill chunk) and decode "
                         "(T = 1), KV cache as state", {**metadata, "functions": "prefill,decode",
                                          "prefill_chunk": args.prefill_chunk, "max_context": args.max_context,
                                          "state_slots": slots, "states": "k_cache_{layer}, v_cache_{layer}"})
         shutil.rmtree(parts_dir)
+        memory["merge"] = memory_note()
         rows.append(("llm.mlpackage (prefill+decode)", tree_size(llm), parity["llm"], time.perf_counter() - t))
         progress.update()
 
-        progress.set_postfix_str("manifest")
+        status("manifest")
         artifacts["vision"] = package_entry(out, vision)
         artifacts["llm"] = package_entry(out, llm)
         if "audio" in parity:
@@ -631,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(f"Core ML export of {ckpt.config.variant.name} -> {args.out} ({quant.method}, {args.precision}, "
                   f"{args.target})", rows)
     print(quant.describe() + f"; peak RSS {peak_rss_mb():.0f} MB")
+    print("memory after each phase: " + "; ".join(f"{k}: {v}" for k, v in memory.items()))
     for note in quant.notes:
         print(f"note: {note}")
     return 0

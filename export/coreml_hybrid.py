@@ -34,11 +34,11 @@ states, both against the unmodified torch step with a host-held StateCache over 
 
 Weights: int4 records from quant/ (`--quant int4-awq|int4-rtn`, AWQ by default as for the older models, or a
 quantised directory from `python -m quant.awq`) for the Qwen3.5 layers' Linears (quant/layout.py; the delta-net gate
-projections stay float), written exactly as export.coreml writes the older models' (`check_records` +
-`attach_compression`: `constexpr_blockwise_shift_scale` holding the records' codes, fp16 scales and zero points bit
-for bit); `--lm-head int8` (the default when quantising) the head's per-row int8 record the same way. The vision
-package stays float. The float32 islands are untouched (no quantised Linear lies inside one). The parity reference
-is the torch step of the model with the same quantised weights installed (what `prepare_model` returns).
+projections stay float), written exactly as export.coreml writes the older models' (export/coreml_weights.py:
+each installed as a `BlockwiseLinear`, written as `constexpr_blockwise_shift_scale` holding the records' codes,
+fp16 scales and zero points bit for bit); `--lm-head int8` (the default when quantising) the head's per-row int8
+record the same way. The vision package stays float. The float32 islands are untouched (no quantised Linear lies
+inside one). The parity reference is the torch step of the model with the same quantised weights installed.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from export.coreml_package import (
     tag_fp32,
     tree_size,
 )
+from export.coreml_weights import install_records, prepare_model
 from export.onnx_hybrid import (
     HYBRID_FILES,
     VISION_IO,
@@ -303,13 +304,7 @@ def export_vision(ct, model: nn.Module, ckpt: HybridCheckpoint, out: Path, args:
 def export_hybrid(args: argparse.Namespace) -> int:
     """The whole Core ML export of a MiniCPM-V 4.6 / 4.7 checkpoint (`args` parsed by export.coreml; --max-patches
     defaults to the checkpoint's processor bound here)."""
-    from export.coreml import (  # noqa: PLC0415 (export.coreml dispatches to this module)
-        COMPRESSION,
-        attach_compression,
-        check_records,
-        merge_functions,
-        prepare_model,
-    )
+    from export.coreml import COMPRESSION, merge_functions  # noqa: PLC0415 (export.coreml dispatches here)
 
     check_hybrid_arguments(args)
     ct = import_coremltools()
@@ -318,7 +313,8 @@ def export_hybrid(args: argparse.Namespace) -> int:
     # with the records' dequantised weights installed: traced in float32, the converter casts to fp16 itself.
     model, records, quant = prepare_model(ckpt, args.quant, args.group_size, args.lm_head, args.samples,
                                           args.seq_len, args.calib)
-    check_records(model, records)  # the converter re-derives the codes from the weights: they must be the records'
+    install_records(model, records, half=args.precision == "fp16")  # each checked, then held as its codes
+    del records
     progress = tqdm(total=5, desc="export.coreml", unit="step")
     dtype_name = "float16" if args.precision == "fp16" else "float32"
     metadata = {"generator": GENERATOR, "model": args.model, "variant": ckpt.variant.name,
@@ -348,11 +344,6 @@ def export_hybrid(args: argparse.Namespace) -> int:
                                              reference, args.prefill_chunk)
         wrapper = CoreMLHybridStep(reference, args.prefill_chunk).eval()
         parity["llm"] = llm_error(wrapper, reference, args.prefill_chunk)
-        # after the vision package: only the LLM's Linears carry records, and the converter reads the metadata
-        # version from the traced module's root
-        attach_compression(model, records, torch.float16 if args.precision == "fp16" else torch.float32)
-        wrapper.register_buffer("_COREML_/metadata_version", torch.tensor(2))
-        del records  # re-derived by the converter from the weights (checked equal above)
         parts_dir = out / ".functions"
         parts_dir.mkdir()
         parts = export_llm_functions(ct, wrapper, parts_dir, args, progress)

@@ -39,6 +39,9 @@ def import_coremltools():
             logging.getLogger(n).setLevel(level)
     if not ct.__version__.startswith("9."):
         raise UserError(f"this exporter is written for coremltools 9.x, found {ct.__version__}")
+    from export.coreml_weights import register_converter  # noqa: PLC0415 (the records' constexpr op)
+
+    register_converter()
     return ct
 
 

@@ -102,8 +102,10 @@ class StreamedWeights:
         self.quant = _summary(self.model, self.config, method, self.kinds)
 
     @contextlib.contextmanager
-    def part(self, prefixes: tuple[str, ...]) -> Iterator[None]:
-        """Read the parameters under `prefixes` (but the embedding table), quantising the planned Linears;
+    def part(self, prefixes: tuple[str, ...],
+             install: Callable[[str, QuantRecord], None] | None = None) -> Iterator[None]:
+        """Read the parameters under `prefixes` (but the embedding table), quantising the planned Linears and
+        installing each (`install(name, record)`, which replaces its Linear; default: as MatMulNBits);
         everything goes back to the meta device when the block ends."""
         planned = {n: kind for n, kind in self.kinds.items() if n.startswith(prefixes)}
         self.lazy.materialize(prefixes, skip={EMBEDDING, *(f"{n}.weight" for n in planned)})
@@ -112,8 +114,11 @@ class StreamedWeights:
         for name, kind in planned.items():
             record = self.quantize(name, kind)
             record.check(name)
-            level = self.levels[name.startswith(AUDIO_PREFIX)]
-            matmul_nbits.replace(self.model, name, record, self.dtype, level)
+            if install is None:
+                level = self.levels[name.startswith(AUDIO_PREFIX)]
+                matmul_nbits.replace(self.model, name, record, self.dtype, level)
+            else:
+                install(name, record)
         self.quant.seconds += time.perf_counter() - start
         try:
             yield

@@ -7,6 +7,7 @@ programs are checked structurally (see REFERENCE section 7)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import shutil
@@ -59,21 +60,22 @@ def exported(tmp_path_factory, private_cache):
         if name in done:
             return done[name]
         run = Export(tmp_path_factory.mktemp("coreml") / name)
-        prepare, export_program = exporter.prepare_model, exporter.export_program
+        open_weights, export_program = exporter.open_weights, exporter.export_program
 
-        def capture_prepare(*args, **kwargs):
-            model, records, info = prepare(*args, **kwargs)
-            run.records = records
-            return model, records, info
+        def capture_weights(*args, **kwargs):
+            weights = open_weights(*args, **kwargs)
+            run.records = weights.records  # filled part by part as the export reads them
+            return weights
 
         def capture_export(module, args):
+            # a copy: the streamed export releases each part's weights once its package is written
             if isinstance(module, exporter.StatefulLanguageModel):
-                run.llm = module
+                run.llm = run.llm or copy.deepcopy(module)
                 run.llm_tokens.append(args[0].shape[1])
             elif isinstance(module, exporter.StatefulAudioEncoder):
-                run.audio = module
+                run.audio = copy.deepcopy(module)
             else:
-                run.vision = module
+                run.vision = copy.deepcopy(module)
             return export_program(module, args)
 
         argv = ["--model", name, "--out", str(run.out), "--quant", "int4-rtn", "--max-context", str(MAX_CONTEXT),
@@ -81,7 +83,7 @@ def exported(tmp_path_factory, private_cache):
         if name == "tiny-minicpm-o-4.5":
             argv.append("--ane-vision")
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(exporter, "prepare_model", capture_prepare)
+            mp.setattr(exporter, "open_weights", capture_weights)
             mp.setattr(exporter, "export_program", capture_export)
             assert exporter.main(argv) == 0
         done[name] = run
@@ -93,7 +95,7 @@ def exported(tmp_path_factory, private_cache):
 @functools.cache
 def quantized_reference(name: str):
     """The eager reference: the checkpoint with the same (deterministic) int4 RTN weights installed."""
-    from export.coreml import prepare_model
+    from export.coreml_weights import prepare_model
 
     ckpt = Checkpoint.open(name)
     model, records, _ = prepare_model(ckpt, "int4-rtn")
@@ -310,6 +312,14 @@ def test_codes_scales_zero_points_are_the_records(exported, name):
     run = exported(name)
     program = _program(run.out / "llm.mlpackage")
     assert any(r.bits == 4 for r in run.records.values()) and run.records["llm.lm_head"].bits == 8
+    # the export streamed the checkpoint (each Linear quantised alone): the same records as the whole-model load
+    _, _, loaded = quantized_reference(name)
+    llm_records = {n: r for n, r in loaded.items() if not n.startswith("apm.")}
+    assert set(run.records) == set(llm_records)
+    for record_name, record in llm_records.items():
+        streamed = run.records[record_name]
+        assert torch.equal(streamed.codes, record.codes) and torch.equal(streamed.zeros, record.zeros)
+        assert torch.equal(streamed.scales, record.scales)
     for fname in ("prefill", "decode"):
         ops = {op.outputs[0].name: op for op in
                program.functions[fname].find_ops(op_type="constexpr_blockwise_shift_scale")}
@@ -409,7 +419,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
 
 def test_quantised_checkpoint_brings_its_records(tmp_path, private_cache):
     """`python -m quant.awq` output is exported with its own records (here RTN for speed), not re-quantised."""
-    from export.coreml import prepare_model
+    from export.coreml_weights import prepare_model
     from quant.awq import main as quantize
     from quant.records import load_records
 
@@ -425,7 +435,7 @@ def test_quantised_checkpoint_brings_its_records(tmp_path, private_cache):
 
 
 def test_quant_none_lm_head_choice_and_record_checks(private_cache):
-    from export.coreml import language_model, prepare_model
+    from export.coreml_weights import BlockwiseLinear, install_records, prepare_model
 
     ckpt = Checkpoint.open("tiny-minicpm-v-4")
     model, records, info = prepare_model(ckpt, "none")
@@ -434,15 +444,19 @@ def test_quant_none_lm_head_choice_and_record_checks(private_cache):
     model, records, info = prepare_model(ckpt, "none", lm_head="int8")
     assert list(records) == ["llm.lm_head"] and records["llm.lm_head"].bits == 8 and info.lm_head == "int8"
     assert torch.equal(model.llm.model.embed_tokens.weight, embed)  # the host's table keeps float values
-    wrapper = language_model(model, records, 64, 16)
-    assert {n for n, _ in wrapper.named_buffers() if "_COREML_" in n} == {
-        "_COREML_/metadata_version", *(f"step.lm_head._COREML_/weight/{k}" for k in
-                                       ("compression_type", "quantization_n_bits", "quantization_scale",
-                                        "zero_point"))}
+    head = model.llm.lm_head.weight.detach().clone()
     with torch.no_grad():
         model.llm.lm_head.weight[0, 0] += 1e-3  # a weight that is not (codes - zeros) * scales any more
     with pytest.raises(UserError, match="llm.lm_head does not match the model's weight"):
-        language_model(model, records, 64, 16)
+        install_records(model, records, half=True)
+    with torch.no_grad():
+        model.llm.lm_head.weight.copy_(head)
+    install_records(model, records, half=True)
+    installed = model.llm.lm_head
+    assert isinstance(installed, BlockwiseLinear) and installed.bits == 8 and installed.half
+    assert torch.equal(installed.weight, head)  # the op dequantises exactly as the record
+    with pytest.raises(UserError, match="is a BlockwiseLinear"):  # installed once only
+        install_records(model, records, half=True)
 
 
 # ----- (e) MiniCPM-o audio: one 1 s chunk per call, the encoder cache as state -------------------------------
@@ -614,3 +628,55 @@ def test_manifest_json_is_plain(exported):
     data = json.loads((exported("tiny-minicpm-v-4").out / "manifest.json").read_text())
     assert data["artifacts"]["llm"]["path"] == "llm.mlpackage"
     assert data["artifacts"]["llm"]["sha256_of"].startswith("directory tree")
+
+
+def test_merge_matches_coremltools_save_multifunction(tmp_path):
+    """export/coreml_merge.py gives what coremltools' save_multifunction gives (functions, ops, every constant's
+    value read back from the weight file), without loading the weights: shared ones stored once, a function's own
+    shape-specific constant appended."""
+    from export.coreml_merge import WEIGHTS, merge_packages
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 48)
+
+        def forward(self, x):  # the arange is a constant of each traced length: each function's own blob
+            rows = int(x.shape[1])
+            return self.proj(x) + torch.tensor(np.arange(rows * 48, dtype=np.float32).reshape(rows, 48) / 4)
+
+    toy = Toy().eval()
+    parts = {}
+    for name, tokens in (("prefill", 8), ("decode", 1)):
+        example = torch.randn(1, tokens, 64)
+        mlmodel = ct.convert(torch.jit.trace(toy, example), inputs=[ct.TensorType(name="x", shape=example.shape)],
+                             convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, skip_model_load=True)
+        parts[name] = tmp_path / f"{name}.mlpackage"
+        mlmodel.save(str(parts[name]))
+    ours, theirs = tmp_path / "ours.mlpackage", tmp_path / "theirs.mlpackage"
+    merge_packages(parts, ours, "decode")
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, part in parts.items():
+        desc.add_function(str(part), src_function_name="main", target_function_name=name)
+    desc.default_function_name = "decode"
+    ct.utils.save_multifunction(desc, str(theirs))
+
+    def contents(path: Path) -> dict:
+        program = _program(path)
+        return {name: [(op.op_type, [np.asarray(v.val).tolist() for v in op.inputs.values() if v.val is not None],
+                        [np.asarray(o.val).tolist() for o in op.outputs if op.op_type == "const"])
+                       for op in function.operations] for name, function in program.functions.items()}
+
+    assert contents(ours) == contents(theirs)
+    spec = ct.utils.load_spec(str(ours))
+    assert [f.name for f in spec.description.functions] == ["prefill", "decode"]
+    assert spec.description.defaultFunctionName == "decode" and not spec.description.input
+    offsets = {name: {op.outputs[0].name: op.attributes["val"].blobFileValue.offset
+                      for op in spec.mlProgram.functions[name].block_specializations["CoreML8"].operations
+                      if op.type == "const" and op.attributes["val"].WhichOneof("value") == "blobFileValue"}
+               for name in ("prefill", "decode")}
+    prefill, decode = (set(offsets[name].values()) for name in ("prefill", "decode"))
+    assert len(prefill & decode) == 1  # the Linear's weight, one copy (the functions name it differently here)
+    (own,) = decode - prefill
+    assert own > max(prefill)  # the decode function's own constant, appended
+    assert (ours / WEIGHTS).stat().st_size <= (theirs / WEIGHTS).stat().st_size + 256

@@ -48,7 +48,7 @@ def exported(exports) -> Path:
 def quantized() -> tuple:
     """(checkpoint, model, records): the tiny model with the export's int4 RTN weights (and int8 head) installed,
     exactly as the exporter prepares it: the eager reference of the same quantisation."""
-    from export.coreml import prepare_model
+    from export.coreml_weights import prepare_model
     from minicpm.v4_6 import HybridCheckpoint
 
     ckpt = HybridCheckpoint.open(NAME)
