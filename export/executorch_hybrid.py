@@ -77,7 +77,7 @@ from export.onnx_hybrid import (
     vision_examples,
     vision_facts,
 )
-from export.onnx_weights import MemoryStatus
+from export.onnx_weights import MemoryStatus, memory_note
 from export.stateful_hybrid import STEP_INPUTS, StatefulHybridStep, example_inputs, schedule_calls, state_description
 from minicpm.errors import UserError
 from minicpm.hybrid_step import HybridLanguageModelStep
@@ -209,7 +209,12 @@ def export_hybrid(args: argparse.Namespace) -> int:
     checked: --max-patches defaults to the checkpoint's processor bound here)."""
     from export.executorch import export_methods, metadata_methods, prepare_model  # noqa: PLC0415
     from export.executorch_lowering import delegation, lower_each, method_bytes  # noqa: PLC0415
-    from export.executorch_weights import collect, phase_memory, release_weights  # noqa: PLC0415
+    from export.executorch_weights import (  # noqa: PLC0415
+        VISION_INT8,
+        collect,
+        install_int8_vision,
+        release_weights,
+    )
 
     check_hybrid_arguments(args)
     if args.backend != "xnnpack":
@@ -223,7 +228,7 @@ def export_hybrid(args: argparse.Namespace) -> int:
                                         args.calib)
     model.requires_grad_(False)  # in-place buffer writes next to parameters: lowering refuses leaves needing grad
     seconds["load + quantise"] = time.perf_counter() - t
-    memory["load + quantise"] = phase_memory()
+    memory["load + quantise"] = memory_note()
     tolerances = {name: QUANT_TOLERANCE if facts else FLOAT_TOLERANCE for name in decoder_methods(args.prefill_chunk)}
     chunk = args.prefill_chunk
     bar = tqdm(total=4, desc="export.executorch", unit="step")
@@ -235,10 +240,19 @@ def export_hybrid(args: argparse.Namespace) -> int:
         mode = ckpt.processor.image_processor.downsample_mode  # the mode the processor counted placeholders with
         vision = HybridVisionStep(model, downsample_mode=mode).eval()
         vision_inputs = vision_examples(vision, ckpt, args.max_patches, torch.float32)
+        int8_vision = args.vision_weights == "int8"
+        if int8_vision:  # the float features first: the vision parity is against them (as export.onnx's)
+            with torch.no_grad():
+                float_features = [vision(*x) for x in vision_inputs]
+            install_int8_vision(vision)
+            tolerances[VISION_METHOD] = float("inf")  # int8 moves the features by design: reported, not refused
         methods = build_methods(wrapper, vision, vision_inputs[0], chunk)
         programs = export_methods(methods, undecomposed=tuple(decoder_methods(chunk)))  # no GELU in the step
         wrapper.reset()  # tracing ran the module
         cases = parity_cases(reference, vision, chunk, vision_inputs)
+        if int8_vision:
+            cases["vision"] = list(zip(vision_inputs, float_features, strict=True))
+            del float_features
         specs = method_specs(methods, reference, chunk, cases["vision"][0][1])
         # the table once, in token_embedding.bin (no program method reads it; a tied head keeps its own reference)
         artifacts = {"token_embedding": write_embedding_table(None, out, torch.float32,
@@ -247,7 +261,7 @@ def export_hybrid(args: argparse.Namespace) -> int:
         # lowering (lower_each).
         release_weights(model, wrapper, vision)
         seconds["export"] = time.perf_counter() - t
-        memory["export"] = phase_memory()
+        memory["export"] = memory_note()
         bar.update()
         status("lowering to xnnpack")
         t = time.perf_counter()
@@ -262,7 +276,7 @@ def export_hybrid(args: argparse.Namespace) -> int:
         del program, edge, programs
         collect()
         seconds["lower"] = time.perf_counter() - t
-        memory["lower"] = phase_memory()
+        memory["lower"] = memory_note()
         bar.update()
         status("parity")
         t = time.perf_counter()
@@ -273,7 +287,7 @@ def export_hybrid(args: argparse.Namespace) -> int:
             raise UserError("the ExecuTorch program departs from its torch modules: " + ", ".join(
                 f"{name} {error:.1e} (> {tolerances.get(name, FLOAT_TOLERANCE):.0e})" for name, error in over.items()))
         seconds["parity"] = time.perf_counter() - t
-        memory["parity"] = phase_memory()
+        memory["parity"] = memory_note()
         bar.update()
         status("tokenizer, manifest")
         for name, spec in specs.items():
@@ -288,6 +302,8 @@ def export_hybrid(args: argparse.Namespace) -> int:
                  "decode": {"artifact": "program", "function": "text_decoder", "tokens": 1}}
         manifest = build_hybrid_manifest("executorch", ckpt, args.model, artifacts, files, args, "float32", errors,
                                          wrapper.spec, steps, quant.manifest(**facts))
+        if int8_vision:
+            manifest["quantization"]["vision"] = VISION_INT8
         manifest["schedule"]["executorch"] = {
             "state": state_description(wrapper, "the program's mutable buffers zeroed in place by name"),
             "buffers": "program mutable buffers shared by the decoder methods (share_mutable_buffers)",
@@ -307,11 +323,12 @@ def export_hybrid(args: argparse.Namespace) -> int:
     sizes = {name: entry["size"] for name, entry in artifacts.items()}
     print(f"{PROGRAM} {sizes['program']} bytes; token_embedding.bin {sizes['token_embedding']} bytes")
     print(quant.describe() + (f" as {scheme}, {quant.int8_layers} int8, group scales {facts['scale_dtype']} "
-                              f"(largest relative rounding {facts['max_scale_rounding']:.1e}); vision float32"
+                              f"(largest relative rounding {facts['max_scale_rounding']:.1e})"
                               if facts else ""))
     for note in quant.notes:
         print(f"note: {note}")
-    print(f"vision: one slice per call, {args.max_patches} patches ({steps['vision']['rows']} feature rows, "
+    print(f"vision: {args.vision_weights} weights, one slice per call, {args.max_patches} patches "
+          f"({steps['vision']['rows']} feature rows, "
           f"{mode} mode)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     print("memory: " + "; ".join(f"{k}: {v}" for k, v in memory.items()))

@@ -51,6 +51,17 @@ def parity_references(methods: dict[str, Method], model: MiniCPMV, max_context: 
     """The calls of each method's check (manifest parity key -> calls) with the torch modules' outputs: vision on
     a real slice, the decoder over a whole schedule (`decoder_reference`), the audio encoder over a clip
     (`audio_reference`). Computed before lowering, so the eager weights can go before the program is loaded."""
+    references = vision_references(methods, model)
+    if "audio_encoder" in methods:
+        references["audio"] = audio_reference(model)
+    references["text_decoder"] = decoder_reference(model, max_context, chunk)
+    return references
+
+
+@torch.no_grad()
+def vision_references(methods: dict[str, Method], model: MiniCPMV) -> dict[str, list[Call]]:
+    """The vision (and video) part of `parity_references`: with `--vision-weights int8` it is taken from the float
+    modules before their weights are quantised, so the manifest's vision parity is against the float step."""
     vision = methods["vision_encoder"]
     references = {"vision_encoder": [Call(list(vision.example), vision.module(*vision.example))]}
     if "video_encoder" in methods:  # both example groups (4 and 2 of the 6 frame slots used), one per call
@@ -58,9 +69,6 @@ def parity_references(methods: dict[str, Method], model: MiniCPMV, max_context: 
         groups = video_example(model, max_patches=video.example[3].shape[2])  # pos_embed [1, frames, P, H]
         inputs = [[groups[n][i:i + 1] for n in VISION_INPUTS] for i in range(len(groups["pixel_values"]))]
         references["video_encoder"] = [Call(x, video.module(*x)) for x in inputs]
-    if "audio_encoder" in methods:
-        references["audio"] = audio_reference(model)
-    references["text_decoder"] = decoder_reference(model, max_context, chunk)
     return references
 
 

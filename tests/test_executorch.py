@@ -41,6 +41,7 @@ EXPORTS = {  # key -> (tiny model, extra exporter arguments)
     "tiny-minicpm-o-4.5": ("tiny-minicpm-o-4.5", []),
     "8da4w": ("tiny-minicpm-v-4", ["--quant", "int4-rtn", "--group-size", "32"]),
     "coreml": ("tiny-minicpm-v-4", ["--backend", "coreml"]),
+    "int8-vision": ("tiny-minicpm-v-4", ["--quant", "int4-rtn", "--lm-head", "int8", "--vision-weights", "int8"]),
 }
 EXPORTS_AHEAD = [("executorch", model, "--max-context", str(MAX_CONTEXT), *extra)  # queued at session start
                  for model, extra in EXPORTS.values()]
@@ -301,6 +302,48 @@ def _delegates(path: Path) -> dict[str, list[str]]:
     pte = deserialize_pte_binary(path.read_bytes())
     program = getattr(pte, "program", pte)
     return {plan.name: [d.id for d in plan.delegates] for plan in program.execution_plan}
+
+
+def test_int8_vision_is_delegated_smaller_and_close_to_the_float_step(exported, tiny):
+    """`--vision-weights int8`: every vision Linear runs in XNNPACK as 8da8w, the vision method holds about a
+    quarter of the float program's vision bytes, and on every slice of every test image its features stay close to
+    the float torch step (cosine >= 0.99) while differing from it; the manifest says so and measures the move."""
+    from export.executorch_weights import VISION_INT8
+
+    out, float_out = exported("int8-vision"), exported("tiny-minicpm-v-4")
+    manifest = read_manifest(out)
+    assert manifest["quantization"]["vision"] == VISION_INT8 and manifest["quantization"]["lm_head"] == "int8"
+    assert manifest["parity"]["vision_encoder"] > 1e-4  # against the float step: int8 moved it
+    methods, float_methods = (read_manifest(o)["artifacts"]["program"]["methods"] for o in (out, float_out))
+    vision = methods["vision_encoder"]["delegation"]
+    assert vision["linear_delegated"] == vision["linear_ops"] == float_methods["vision_encoder"]["delegation"][
+        "linear_ops"]
+    ckpt, model = tiny("tiny-minicpm-v-4")
+    # int8 stores each Linear weight in a quarter of its float32 bytes (plus a scale per output channel)
+    linear_bytes = 4 * sum(m.weight.numel() for m in vision_step(model).modules() if isinstance(m, torch.nn.Linear))
+    saved = float_methods["vision_encoder"]["delegation"]["bytes"] - vision["bytes"]
+    assert 0.7 * linear_bytes <= saved <= 0.75 * linear_bytes, (saved, linear_bytes)
+    session = Session(out, "executorch")
+    step = VisionStep(model).eval()
+    for img in IMAGES:
+        prompt = ckpt.prompts.build([{"role": "user", "content": [img, "x"]}])
+        batch = model.vision_inputs(prompt.pixel_values, prompt.tgt_sizes, pad_to=session.max_patches)
+        with torch.no_grad():
+            expected = step(**batch).numpy().ravel()
+        got = session.backend.vision(**{k: v.numpy() for k, v in batch.items()}).ravel()
+        cosine = float(got @ expected / np.linalg.norm(got) / np.linalg.norm(expected))
+        assert 0.99 <= cosine < 1 - 1e-9, cosine
+    answer = session.ask([{"role": "user", "content": [IMAGES[1], PROMPTS[0]]}], SamplingConfig(max_new_tokens=8))
+    assert len(answer.token_ids) >= 1
+
+
+def test_int8_vision_needs_xnnpack(tmp_path):
+    from export.executorch import main
+
+    with pytest.raises(UserError, match=r"^--vision-weights int8 is an XNNPACK scheme"):
+        main(["--model", "tiny-minicpm-v-4", "--out", str(tmp_path / "x"), "--backend", "coreml", "--vision-weights",
+              "int8"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_program_delegates_linear_layers_to_xnnpack(exported, tiny):
