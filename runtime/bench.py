@@ -2,7 +2,8 @@
 machine's own limits.
 
 For each model and export (ONNX fp32 / int4, ExecuTorch fp32 / 8da4w, Core AI fp32 / int4, int4 also with an int8
-head): export (timed, with the exporter's peak RSS), then through each backend that runs it (each run in its own
+head, ONNX and ExecuTorch also with int8 vision, Core ML int4: an export-only row where Core ML cannot run): export
+(timed, with the exporter's peak RSS), then through each backend that runs it (each run in its own
 process, so RSS is not shared) answer one image question (MiniCPM-o: image plus `--audio`, the committed speech
 clip) for vision ms per slice, audio ms per 1 s chunk, time to first token, decode tok/s and peak RSS, and a
 text-only prompt of about `--prefill-tokens` tokens for prefill tok/s. The bytes of weights one decode step reads
@@ -11,13 +12,16 @@ measured in the same run (before and after, best kept), giving the roofline (ban
 % of it each decode reached, and a device estimate: decode tok/s on A17 Pro, A18 Pro, M1 and M4 at their
 bandwidths and the efficiency measured here.
 
+`--llama-bench BIN --gguf FILE` adds llama.cpp's own `llama-bench` on a GGUF of the same weights (e.g. the model's
+Q4_0) at the same prompt length, new tokens and threads, measured in the same run: the row our decode and prefill
+are compared with (the project builds neither llama.cpp nor the GGUF).
+
 MiniCPM-V 4.6 / 4.7 (the hybrid-attention models, tiny ones in the default set) run only the exports in
 HYBRID_EXPORTS (ONNX and ExecuTorch, float and int4, with an int8 head, ONNX with int8 vision): the other requested
 exports (Core ML, Core AI: run by their tests) are skipped for them.
 
 `--full-size` adds `full-minicpm-v-4` (3.79 B parameters, random weights, built on first use: ~7.1 GB on disk)
-with the device exports (`--full-size-exports`); expect about an hour: the ONNX export peaks near 7.5 GiB, the
-ExecuTorch one above 11 GiB (its XNNPACK lowering).
+with the device exports (`--full-size-exports`); expect over an hour (each exporter's peak RSS is in its row).
 `--hybrid-full` adds `full-minicpm-v-4.7` (the 4.7-1B shapes, 1.30 B parameters, random weights, ~2.6 GB built on
 first use) with `--hybrid-full-exports`. Full-size models run through the device backends only (not the eager
 torch reference). Rows also carry each artifact's size (`artifact_mb`). A failing step is reported (`failures` in
@@ -55,18 +59,24 @@ EXPORTS = {
     # the same with int8 vision (MatMulInteger): the vision speed / parity trade (export.onnx --vision-weights)
     "onnx-int4-int8head-int8vis": ("export.onnx", ["--quant", "int4-rtn", "--lm-head", "int8", "--vision-weights",
                                                    "int8"], ["onnxruntime"]),
+    "executorch-8da4w-int8head-int8vis": ("export.executorch", ["--quant", "int4-rtn", "--lm-head", "int8",
+                                                                "--vision-weights", "int8"], ["executorch"]),
     # Core AI through coreai.runtime (CPU on Linux computes fp16 programs far slower than fp32: bench fp32)
     "coreai": ("export.coreai", ["--quant", "none", "--precision", "fp32"], ["coreai"]),
     "coreai-int4": ("export.coreai", ["--quant", "int4-rtn", "--precision", "fp32"], ["coreai"]),
     "coreai-int4-int8head": ("export.coreai", ["--quant", "int4-rtn", "--lm-head", "int8", "--precision", "fp32"],
                              ["coreai"]),
+    # Core ML packages run on Apple platforms only: elsewhere the row is the export's (time, peak RSS, sizes)
+    "coreml-int4-int8head": ("export.coreml", ["--quant", "int4-rtn", "--lm-head", "int8"],
+                             ["coreml"] if sys.platform == "darwin" else []),
 }
 DEFAULT_MODELS = "tiny-minicpm-v-4,tiny-minicpm-o-4.5,mid-minicpm-v-4,tiny-minicpm-v-4.6,tiny-minicpm-v-4.7"
 FULL_SIZE_MODEL = "full-minicpm-v-4"
-FULL_SIZE_EXPORTS = "onnx-int4-int8head,onnx-int4-int8head-int8vis,executorch-8da4w-int8head"
+FULL_SIZE_EXPORTS = ("onnx-int4-int8head,onnx-int4-int8head-int8vis,executorch-8da4w-int8head,"
+                     "executorch-8da4w-int8head-int8vis,coreml-int4-int8head")
 # the exports MiniCPM-V 4.6 / 4.7 are benched with: ONNX float and int4, ExecuTorch float and 8da4w
 HYBRID_EXPORTS = ["onnx", "onnx-int4", "onnx-int4-int8head", "onnx-int4-int8head-int8vis", "executorch",
-                  "executorch-8da4w", "executorch-8da4w-int8head"]
+                  "executorch-8da4w", "executorch-8da4w-int8head", "executorch-8da4w-int8head-int8vis"]
 HYBRID_FULL_MODEL = "full-minicpm-v-4.7"
 # the tied 1B head is 1 GB of float32 per token: the int8 head (its own record; the table stays float) cuts it 4x
 HYBRID_FULL_EXPORTS = "onnx,onnx-int4,onnx-int4-int8head,executorch,executorch-8da4w,executorch-8da4w-int8head"
@@ -155,17 +165,43 @@ def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
     if "audio" in manifest["schedule"]["steps"]:
         common += ["--audio", args.audio]
     prompt = prefill_prompt(export_dir, args.prefill_tokens)
+    export_row = {"model": model, "export": name, "export_s": export_s, "export_peak_rss_mb": export_rss,
+                  "export_mb": round(size / 2**20, 1), "artifact_mb": artifact_sizes(export_dir, manifest),
+                  "bytes_per_token": per_token}
+    if not backends:  # nothing here runs this format: the export's own figures
+        return [{**export_row, "backend": "-"}]
     rows = []
     for backend in backends:
         generate = ["runtime.generate", "--artifacts", str(export_dir), "--backend", backend]
         stats = _run([*generate, *common])[0]["stats"]
         text = _run([*generate, "--prompt", prompt, "--max-new-tokens", "2", "--json"])[0]["stats"]
-        rows.append({"model": model, "export": name, "backend": backend, "export_s": export_s,
-                     "export_peak_rss_mb": export_rss, "export_mb": round(size / 2**20, 1),
-                     "artifact_mb": artifact_sizes(export_dir, manifest), "bytes_per_token": per_token, **stats,
+        rows.append({**export_row, "backend": backend, **stats,
                      "prefill_prompt_tokens": text["prompt_tokens"], "prefill_tok_s": text["prefill_tok_s"],
                      "image_prefill_tok_s": stats["prefill_tok_s"]})
     return rows
+
+
+def llama_cpp_row(binary: str, gguf: str, args: argparse.Namespace) -> dict:
+    """llama.cpp's own `llama-bench` on a GGUF of the same weights, at the bench's prompt length, new tokens and
+    threads: the row our decode and prefill are compared with in the same run. bytes_per_token is the GGUF's
+    tensor bytes (llama-bench's model_size), which counts the token table a step only indexes: a slight
+    overstatement (Q4_0 V-4.0: 106 of 1927 MB), so its roofline % reads slightly high."""
+    cmd = [binary, "-m", gguf, "-p", str(args.prefill_tokens), "-n", str(args.new_tokens), "-t",
+           str(machine.backend_threads()), "-o", "json"]
+    try:
+        code, out, err, _, rss = machine.run_measured(cmd)
+    except OSError as e:  # no such binary, not executable
+        raise StepFailed(f"{' '.join(cmd)}\n{e}") from None
+    if code != 0:
+        raise StepFailed(f"{' '.join(cmd)}\n{(err.strip().splitlines() or [f'exit code {code}'])[-1]}")
+    tests = json.loads(out)
+    prefill = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
+    decode = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
+    return {"model": Path(gguf).name, "export": "llama.cpp " + prefill["model_type"].split()[-1],
+            "backend": f"llama.cpp {prefill['build_commit']}", "export_s": None, "export_peak_rss_mb": None,
+            "export_mb": round(Path(gguf).stat().st_size / 2**20, 1), "bytes_per_token": prefill["model_size"],
+            "decode_tok_s": round(decode["avg_ts"], 2), "prefill_tok_s": round(prefill["avg_ts"], 2),
+            "prefill_prompt_tokens": prefill["n_prompt"], "peak_rss_mb": round(rss, 1)}
 
 
 def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tokens: int) -> None:
@@ -173,15 +209,12 @@ def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tok
           f"{'vision/slice':>13}{'TTFT ms':>9}{'audio/chunk':>12}{f'prefill@{prefill_tokens}':>12}"
           f"{'decode t/s':>11}{'roofline':>9}{'RSS MB':>8}")
     for r in rows:
-        mb = f"{r['bytes_per_token'] / 1e6:.1f}" if r.get("bytes_per_token") else "-"
-        pct = f"{r['roofline_pct']:.2f}%" if "roofline_pct" in r else "-"
-        seconds = f"{r['export_s']:.1f}s" if r["export_s"] is not None else "-"
-        export_rss = f"{r['export_peak_rss_mb']:.0f}" if r["export_peak_rss_mb"] is not None else "-"
-        print(f"{r['model']:<20}{r['export']:<27}{r['backend']:<12}{seconds:>8}"
-              f"{export_rss:>9}{r['export_mb']:>9.1f}{mb:>8}"
-              f"{r['vision_ms_per_slice']:>11.1f}ms{r['time_to_first_token_ms']:>9.0f}"
-              f"{r.get('audio_ms_per_chunk', 0.0):>10.1f}ms{r['prefill_tok_s']:>12.1f}"
-              f"{r['decode_tok_s']:>11.1f}{pct:>9}{r['peak_rss_mb']:>8.0f}")
+        print(f"{r['model']:<20}{r['export']:<27}{r['backend']:<12}{_cell(r, 'export_s', '.1f', 's'):>8}"
+              f"{_cell(r, 'export_peak_rss_mb', '.0f'):>9}{r['export_mb']:>9.1f}"
+              f"{_cell(r, 'bytes_per_token', '.1f', scale=1e-6):>8}{_cell(r, 'vision_ms_per_slice', '.1f', 'ms'):>13}"
+              f"{_cell(r, 'time_to_first_token_ms', '.0f'):>9}{_cell(r, 'audio_ms_per_chunk', '.1f', 'ms'):>12}"
+              f"{_cell(r, 'prefill_tok_s', '.1f'):>12}{_cell(r, 'decode_tok_s', '.1f'):>11}"
+              f"{_cell(r, 'roofline_pct', '.2f', '%'):>9}{_cell(r, 'peak_rss_mb', '.0f'):>8}")
     print("\nartifact sizes (MB)")
     for r in {(r["model"], r["export"]): r for r in rows}.values():
         sizes = ", ".join(f"{key} {mb:.1f}" for key, mb in r.get("artifact_mb", {}).items())
@@ -199,6 +232,12 @@ def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tok
           f"DRAM read bandwidth (torch.sum over 1 GiB, {facts['threads_used']} threads, best of 10): {bw:.1f} GB/s "
           f"(before {facts['dram_read_gbs_before']:.1f}, after {facts['dram_read_gbs_after']:.1f}); REFERENCE "
           f"anchor {machine.REFERENCE_BANDWIDTH_GBS} GB/s ({100 * bw / machine.REFERENCE_BANDWIDTH_GBS:.0f} %)")
+
+
+def _cell(row: dict, key: str, spec: str, unit: str = "", scale: float = 1.0) -> str:
+    """One table cell: the value formatted, or "-" where the row has none (an export nothing here runs)."""
+    value = row.get(key)
+    return "-" if value is None else f"{value * scale:{spec}}{unit}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="length of the text-only prompt prefill tok/s is measured on")
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--llama-bench", metavar="BIN",
+                        help="llama.cpp's llama-bench binary: each --gguf is measured with it in the same run")
+    parser.add_argument("--gguf", action="append", default=[],
+                        help="a GGUF of the same weights (repeatable), e.g. the model's Q4_0, for --llama-bench")
     parser.add_argument("--reuse-exports", action="store_true",
                         help="measure the export directories already in --out instead of exporting again (the "
                              "rows then have no export time or export RSS)")
@@ -231,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown export {unknown[0]} (choose from {', '.join(EXPORTS)})")
     if args.prefill_tokens + 2 > args.max_context:
         parser.error("--prefill-tokens must fit in --max-context")
+    if bool(args.llama_bench) != bool(args.gguf):
+        parser.error("--llama-bench and --gguf go together")
     jobs = plan_jobs(list(filter(None, args.models.split(","))), exports)
     jobs += [(FULL_SIZE_MODEL, name) for name in full_exports] if args.full_size else []
     jobs += plan_jobs([HYBRID_FULL_MODEL], hybrid_full_exports) if args.hybrid_full else []
@@ -242,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         except StepFailed as e:  # keep the other jobs' rows: one refusal must not lose an hour of measurements
             failures.append({"model": model, "export": name, "error": str(e)})
             print(f"\n{model} {name}: bench step failed: {e}", file=sys.stderr)
+    for gguf in args.gguf:
+        try:
+            rows.append(llama_cpp_row(args.llama_bench, gguf, args))
+        except StepFailed as e:
+            failures.append({"model": gguf, "export": "llama.cpp", "error": str(e)})
     after = machine.dram_read_bandwidth()
     facts = {**machine.machine_facts(), "dram_read_gbs": max(before, after), "dram_read_gbs_before": before,
              "dram_read_gbs_after": after, "reference_dram_read_gbs": machine.REFERENCE_BANDWIDTH_GBS,

@@ -114,10 +114,15 @@ def bytes_per_token(export_dir: str | os.PathLike) -> int | None:
     artifact = manifest["artifacts"][step["artifact"]]
     path = export_dir / artifact["path"]
     reader = {"onnx": onnx_decode_bytes, "executorch": executorch_decode_bytes,
-              "coreai": coreai_decode_bytes}.get(manifest["format"])
+              "coreai": coreai_decode_bytes, "coreml": coreml_decode_bytes}.get(manifest["format"])
     if reader is None:
         return None
     return reader(path, step.get("function"))
+
+
+def coreml_decode_bytes(path: Path, function: str | None = None) -> int:
+    """Core ML: the LLM package's weight file (prefill and decode share it; the token table is the host's)."""
+    return sum(f.stat().st_size for f in path.glob("Data/com.apple.CoreML/weights/*.bin"))
 
 
 def onnx_decode_bytes(path: Path, function: str | None = None) -> int:
@@ -255,7 +260,7 @@ def _walk(op, depth: int | None = None):
 def roofline(row: dict, bandwidth_gbs: float) -> dict:
     """Roofline tok/s (bandwidth / bytes per token) and the % of it the measured decode reached."""
     nbytes = row.get("bytes_per_token")
-    if not nbytes:
+    if not nbytes or not row.get("decode_tok_s"):  # an export this machine cannot run (Core ML on Linux)
         return {}
     limit = bandwidth_gbs * 1e9 / nbytes
     return {"roofline_tok_s": round(limit, 2), "roofline_pct": round(100 * row["decode_tok_s"] / limit, 2)}
@@ -266,7 +271,7 @@ def device_estimates(rows: list[dict], bandwidth_gbs: float, devices: dict[str, 
     (decode tok/s over this machine's roofline, `bandwidth_gbs` / bytes per token)."""
     out = []
     for r in rows:
-        if not r.get("bytes_per_token"):
+        if not r.get("bytes_per_token") or not r.get("decode_tok_s"):
             continue
         efficiency = r["decode_tok_s"] * r["bytes_per_token"] / (bandwidth_gbs * 1e9)
         out.append({"model": r["model"], "export": r["export"], "backend": r["backend"],

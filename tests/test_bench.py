@@ -156,3 +156,36 @@ def test_bench_runs_end_to_end_with_machine_fields(tmp_path):
     assert "llm.onnx" in log and "vision.onnx" in log
     (est,) = bench["device_estimates"]
     assert set(est["predicted_tok_s"]) == set(bench_machine.DEVICES)
+
+
+def test_llama_cpp_row_and_export_only_rows(tmp_path, capsys):
+    """--llama-bench: llama-bench's JSON becomes a row measured like ours (its prompt / new tokens / threads passed
+    through); a Core ML export on Linux is a row of export figures only, printed with "-" where nothing ran."""
+    from runtime import bench
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\na = sys.argv\n"
+                    "p, n, t = int(a[a.index('-p') + 1]), int(a[a.index('-n') + 1]), int(a[a.index('-t') + 1])\n"
+                    "base = {'build_commit': 'abc1234', 'model_type': 'llama 8B Q4_0', 'model_size': 1926924320}\n"
+                    "print(json.dumps([{**base, 'n_prompt': p, 'n_gen': 0, 'avg_ts': 60.5 + t},\n"
+                    "                  {**base, 'n_prompt': 0, 'n_gen': n, 'avg_ts': 13.25}]))\n")
+    fake.chmod(0o755)
+    gguf = tmp_path / "llm-q4_0.gguf"
+    gguf.write_bytes(b"\0" * 2**20)
+    args = bench.argparse.Namespace(prefill_tokens=512, new_tokens=64)
+    row = bench.llama_cpp_row(str(fake), str(gguf), args)
+    assert row["prefill_tok_s"] == 60.5 + bench_machine.backend_threads() and row["decode_tok_s"] == 13.25
+    assert row["prefill_prompt_tokens"] == 512 and row["bytes_per_token"] == 1926924320
+    assert (row["export"], row["backend"], row["export_mb"]) == ("llama.cpp Q4_0", "llama.cpp abc1234", 1.0)
+    assert bench_machine.roofline(row, 50.0)["roofline_pct"] == round(100 * 13.25 * 1926924320 / 50e9, 2)
+    export_only = {"model": "full-minicpm-v-4", "export": "coreml-int4-int8head", "backend": "-", "export_s": 612.3,
+                   "export_peak_rss_mb": 8100.0, "export_mb": 2000.0, "bytes_per_token": 1.7e9}
+    assert bench_machine.roofline(export_only, 50.0) == {} and bench_machine.device_estimates([export_only], 50) == []
+    facts = {"dram_read_gbs": 50.0, "dram_read_gbs_before": 50.0, "dram_read_gbs_after": 49.0, "cpu_model": "x",
+             "cores": 2, "threads_used": 2, "memory_gb": 24, "isa": []}
+    bench.print_tables([row, export_only], bench_machine.device_estimates([row], 50.0), facts, 512)
+    lines = capsys.readouterr().out.splitlines()
+    (coreml,) = [line for line in lines if line.startswith("full-minicpm-v-4    coreml")][:1]
+    assert coreml.split()[3:7] == ["612.3s", "8100", "2000.0", "1700.0"] and coreml.split()[7:] == ["-"] * 7
+    with pytest.raises(bench.StepFailed, match="llama-bench"):
+        bench.llama_cpp_row(str(tmp_path / "llama-bench-missing"), str(gguf), args)
