@@ -69,6 +69,7 @@ def merge_packages(parts: dict[str, Path], path: Path, default: str) -> None:
     base = _BlobStorageReader(str(parts[names[0]] / WEIGHTS))
     stored = {key(base, v): v.blobFileValue.offset for v in blob_values(specs[names[0]].mlProgram.functions["main"])}
     writer = _BlobStorageWriter(str(path / WEIGHTS), truncate_file=False)
+    functions = {names[0]: specs[names[0]].mlProgram.functions["main"]}
     for name in names[1:]:
         function = specs[name].mlProgram.functions["main"]
         reader = _BlobStorageReader(str(parts[name] / WEIGHTS))
@@ -78,10 +79,11 @@ def merge_packages(parts: dict[str, Path], path: Path, default: str) -> None:
                 data = getattr(reader, f"read_{kind(value)}_data")(value.blobFileValue.offset)
                 stored[blob] = getattr(writer, f"write_{kind(value)}_data")(data)
             value.blobFileValue.offset = stored[blob]
-        merged.mlProgram.functions[name].CopyFrom(function)
+        functions[name] = function
     del writer  # closes the weight file
-    merged.mlProgram.functions[names[0]].CopyFrom(specs[names[0]].mlProgram.functions["main"])
-    del merged.mlProgram.functions["main"]
+    merged.mlProgram.ClearField("functions")  # renamed (a function may keep the name "main")
+    for name in names:
+        merged.mlProgram.functions[name].CopyFrom(functions[name])
 
     description = merged.description
     functions = []

@@ -630,7 +630,8 @@ def test_manifest_json_is_plain(exported):
     assert data["artifacts"]["llm"]["sha256_of"].startswith("directory tree")
 
 
-def test_merge_matches_coremltools_save_multifunction(tmp_path):
+@pytest.mark.parametrize("names", [("prefill", "decode"), ("main", "video")])
+def test_merge_matches_coremltools_save_multifunction(tmp_path, names):
     """export/coreml_merge.py gives what coremltools' save_multifunction gives (functions, ops, every constant's
     value read back from the weight file), without loading the weights: shared ones stored once, a function's own
     shape-specific constant appended."""
@@ -647,18 +648,18 @@ def test_merge_matches_coremltools_save_multifunction(tmp_path):
 
     toy = Toy().eval()
     parts = {}
-    for name, tokens in (("prefill", 8), ("decode", 1)):
+    for name, tokens in zip(names, (8, 1), strict=True):
         example = torch.randn(1, tokens, 64)
         mlmodel = ct.convert(torch.jit.trace(toy, example), inputs=[ct.TensorType(name="x", shape=example.shape)],
                              convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, skip_model_load=True)
         parts[name] = tmp_path / f"{name}.mlpackage"
         mlmodel.save(str(parts[name]))
     ours, theirs = tmp_path / "ours.mlpackage", tmp_path / "theirs.mlpackage"
-    merge_packages(parts, ours, "decode")
+    merge_packages(parts, ours, names[1])
     desc = ct.utils.MultiFunctionDescriptor()
     for name, part in parts.items():
         desc.add_function(str(part), src_function_name="main", target_function_name=name)
-    desc.default_function_name = "decode"
+    desc.default_function_name = names[1]
     ct.utils.save_multifunction(desc, str(theirs))
 
     def contents(path: Path) -> dict:
@@ -669,13 +670,14 @@ def test_merge_matches_coremltools_save_multifunction(tmp_path):
 
     assert contents(ours) == contents(theirs)
     spec = ct.utils.load_spec(str(ours))
-    assert [f.name for f in spec.description.functions] == ["prefill", "decode"]
-    assert spec.description.defaultFunctionName == "decode" and not spec.description.input
+    assert [f.name for f in spec.description.functions] == list(names)
+    assert set(spec.mlProgram.functions) == set(names)
+    assert spec.description.defaultFunctionName == names[1] and not spec.description.input
     offsets = {name: {op.outputs[0].name: op.attributes["val"].blobFileValue.offset
                       for op in spec.mlProgram.functions[name].block_specializations["CoreML8"].operations
                       if op.type == "const" and op.attributes["val"].WhichOneof("value") == "blobFileValue"}
-               for name in ("prefill", "decode")}
-    prefill, decode = (set(offsets[name].values()) for name in ("prefill", "decode"))
+               for name in names}
+    prefill, decode = (set(offsets[name].values()) for name in names)
     assert len(prefill & decode) == 1  # the Linear's weight, one copy (the functions name it differently here)
     (own,) = decode - prefill
     assert own > max(prefill)  # the decode function's own constant, appended
