@@ -119,7 +119,7 @@ V45_EXPORTS = {  # format -> extra exporter arguments: float weights, so the eag
     "onnx": [],
     "executorch": [],
     "coreai": ["--quant", "none", "--precision", "fp32"],
-    "coreml": [],  # structural only (Core ML runs on Apple platforms)
+    "coreml": ["--quant", "int4-rtn"],  # structural only (Core ML runs on Apple platforms); AWQ's search: minutes
 }
 
 

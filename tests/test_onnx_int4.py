@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -356,7 +357,21 @@ def test_int8_vision_graph_reads_only_int8_weights_and_stays_close_to_the_float_
         with torch.no_grad():
             expected = step(*inputs.values()).numpy().ravel()
         cosine = float(got @ expected / np.linalg.norm(got) / np.linalg.norm(expected))
-        assert 0.999 <= cosine < 1 - 1e-9, cosine
+        assert int8_floor() <= cosine < 1 - 1e-9, cosine
+
+
+def int8_floor() -> float:
+    """The cosine int8 vision keeps on this CPU: 0.999 where int8 dot products are exact (ARM, x86 with VNNI).
+    An x86 CPU without VNNI runs onnxruntime's u8 x s8 MatMulInteger with vpmaddubsw, whose int16 pair sums
+    saturate (255 * 127 * 2 > 32767): measured 0.998 on an AVX2-only EPYC, so 0.995 there."""
+    import platform  # noqa: PLC0415
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return 0.999
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    return 0.999 if {"avx512_vnni", "avx_vnni"} & set(flags.split()) else 0.995
 
 
 def test_int8_vision_of_a_float16_graph_is_refused_in_one_line(tmp_path):
