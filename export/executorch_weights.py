@@ -76,10 +76,9 @@ VISION_INT8 = {"weights": "int8 per output channel (symmetric)", "activations": 
 
 def install_int8_vision(*modules: torch.nn.Module) -> int:
     """`--vision-weights int8`: every float Linear of the vision methods' modules gets a symmetric per-output-channel
-    int8 record (quant.codes.quantize_int8_rows, as the int8 head's) installed as the head's is: XNNPACK runs it
+    int8 record (QuantRecord.int8_rows, as the int8 head's) installed as the head's is: XNNPACK runs it
     with int8 dynamic per-token activations, ~2x the float32 speed on CPUs with int8 dot products and a quarter of
     the bytes. A Linear two modules share is installed once. Returns the number of Linears installed."""
-    from quant.codes import quantize_int8_rows  # noqa: PLC0415
     from quant.records import QuantRecord  # noqa: PLC0415
 
     count = 0
@@ -87,9 +86,7 @@ def install_int8_vision(*modules: torch.nn.Module) -> int:
         for name, linear in list(module.named_modules()):
             if not isinstance(linear, torch.nn.Linear) or type(linear.weight.data) is not torch.Tensor:
                 continue  # not a Linear, or installed already (a torchao tensor)
-            codes, scales, zeros = quantize_int8_rows(linear.weight.detach().float())
-            record = QuantRecord(codes.to(torch.uint8), scales.half(), zeros.to(torch.uint8),
-                                 group_size=linear.in_features, bits=8, symmetric=True)
+            record = QuantRecord.int8_rows(linear.weight.detach())
             install_records(module, {name: record}, activations_int8=True, bf16_scales=True)
             count += 1
     return count

@@ -42,7 +42,6 @@ from export.quantization import (
 from minicpm.checkpoint import TIED_HEAD, Checkpoint
 from minicpm.lazy_model import LazyModel
 from minicpm.split import token_embedding_table
-from quant.codes import quantize_int8_rows
 from quant.config import QuantConfig
 from quant.records import QuantRecord
 from quant.search import quantize_weight
@@ -156,12 +155,10 @@ class StreamedWeights:
             codes, scales, zeros = quantize_weight(self.lazy.read(f"{name}.weight"), self.config)
             return QuantRecord(codes, scales, zeros, self.config.group_size, self.config.bits, self.config.symmetric)
         stored = self.lazy.stored(f"{name}.weight")
-        blocks = []
-        for rows in stored.split(HEAD_ROWS):  # each block's float32 temporaries freed before the next
-            q, scale, zero = quantize_int8_rows(rows.float())
-            blocks.append((q.to(torch.uint8), scale.half(), zero.to(torch.uint8)))
-        codes, scales, zeros = (torch.cat(parts) for parts in zip(*blocks, strict=True))
-        return QuantRecord(codes, scales, zeros, group_size=stored.shape[1], bits=8, symmetric=True)
+        # each block's float32 temporaries freed before the next
+        blocks = [QuantRecord.int8_rows(rows) for rows in stored.split(HEAD_ROWS)]
+        return QuantRecord(*(torch.cat([getattr(b, f) for b in blocks]) for f in ("codes", "scales", "zeros")),
+                           group_size=stored.shape[1], bits=8, symmetric=True)
 
     def embedding_table(self) -> torch.Tensor:
         """The token embedding table with the values of the loaded model's (float32, cast to the export's dtype).

@@ -18,7 +18,6 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from minicpm.checkpoint import Checkpoint
@@ -252,11 +251,8 @@ def int8_head(model: MiniCPMV):
     """A per-row symmetric int8 record of lm_head (quant/'s int8 scheme), installed as the head's own Parameter
     so a tied embedding table keeps its float weights."""
     from quant import QuantRecord  # noqa: PLC0415
-    from quant.codes import quantize_int8_rows  # noqa: PLC0415
 
     head = model.get_submodule(head_name(model))
-    q, scale, zero = quantize_int8_rows(head.weight.detach())
-    record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=head.weight.shape[1],
-                         bits=8, symmetric=True)
+    record = QuantRecord.int8_rows(head.weight.detach())
     head.weight = nn.Parameter(record.dequantize(head.weight.dtype), requires_grad=False)
     return record

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from minicpm.errors import UserError
 from quant.capture import BlockInput, capture_block_arguments, capture_inputs, run_block, runner
-from quant.codes import quantize_int8_rows
 from quant.config import QuantConfig
 from quant.layout import Plan, ScaleGroup, known_layout, make_plan
 from quant.records import QuantRecord
@@ -128,9 +127,7 @@ def _quantize_int8(result: QuantResult, plan: Plan) -> None:
     """Per-row symmetric int8 for lm_head / embeddings. Each gets its own Parameter, so a tied partner
     left in full precision keeps its weights."""
     for name, module in plan.int8.items():
-        q, scale, zero = quantize_int8_rows(module.weight)
-        record = QuantRecord(q.to(torch.uint8), scale.half(), zero.to(torch.uint8),
-                             group_size=module.weight.shape[1], bits=8, symmetric=True)
+        record = QuantRecord.int8_rows(module.weight)
         result.records[name] = record
         module.weight = nn.Parameter(record.dequantize(module.weight.dtype).to(module.weight.device),
                                      requires_grad=False)

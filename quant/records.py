@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minicpm.errors import UserError
-from quant.codes import dequantize_groups
+from quant.codes import dequantize_groups, quantize_int8_rows
 from quant.config import QuantConfig
 
 FORMAT = "minicpm-mobile-quant-records"
@@ -48,6 +48,14 @@ class QuantRecord:
     bits: int
     symmetric: bool
     input_scale: torch.Tensor | None = None
+
+    @classmethod
+    def int8_rows(cls, weight: torch.Tensor) -> QuantRecord:
+        """The symmetric per-output-channel int8 record of an [out, in] weight (quantize_int8_rows), as the int8
+        head and int8 vision take it."""
+        q, scale, zero = quantize_int8_rows(weight)
+        return cls(q.to(torch.uint8), scale.half(), zero.to(torch.uint8), group_size=weight.shape[1], bits=8,
+                   symmetric=True)
 
     @property
     def shape(self) -> tuple[int, int]:
