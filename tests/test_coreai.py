@@ -66,9 +66,11 @@ def awq_dir(tmp_path_factory, private_cache):
 def exported(exports, awq_dir):
     """key -> export directory, through the session's export pool (each command once, in its own process, two at
     a time): the o45 command is tests/test_audio_chain.py's Core AI export too."""
-    futures = {key: exports.start("coreai", model or awq_dir, "--max-context", str(MAX_CONTEXT), *extra, *FP32)
-               for key, (model, extra) in EXPORTS.items()}
-    return lambda key: futures[key].result()
+    commands = {key: ("coreai", model or awq_dir, "--max-context", str(MAX_CONTEXT), *extra, *FP32)
+                for key, (model, extra) in EXPORTS.items()}
+    for command in commands.values():
+        exports.start(*command)
+    return lambda key: exports(*commands[key])  # one still queued runs in the test's thread (it would wait)
 
 
 def reference(model, ckpt, messages, sampling) -> tuple[list[int], list[torch.Tensor]]:
