@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -366,12 +365,11 @@ def int8_floor() -> float:
     saturate (255 * 127 * 2 > 32767): measured 0.998 on an AVX2-only EPYC, so 0.995 there."""
     import platform  # noqa: PLC0415
 
+    from runtime.bench_machine import cpu_flags  # noqa: PLC0415
+
     if platform.machine() not in ("x86_64", "AMD64"):
         return 0.999
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    flags = next((line for line in lines if line.startswith("flags")), "")
-    return 0.999 if {"avx512_vnni", "avx_vnni"} & set(flags.split()) else 0.995
+    return 0.999 if {"avx512_vnni", "avx_vnni"} & cpu_flags() else 0.995
 
 
 def test_int8_vision_of_a_float16_graph_is_refused_in_one_line(tmp_path):
