@@ -69,6 +69,13 @@ methods are in export/executorch_modules.py):
 - nn.MultiheadAttention's packed in-projection leaves three products to portable kernels (18 s per mid-size
   slice): `SplitProjectionAttention`.
 - numpy's `[None]` gives stride-0 axes, which ExecuTorch rejects: inputs are copied (`as_tensor`).
+- XNNPACK takes no layer norm, no mean over the last axis of a 3-D tensor and none of scaled_dot_product_attention's
+  fully-masked-row guard (eq, any, logical_not, where): each cut a method into one more delegate subgraph (each
+  preprocessed through ~17 graph passes, each a delegate call at run time). The layer norms are spelled out as
+  means (`_layer_norm_as_means`), the means become global average pools (export.executorch_lowering's edge
+  passes, shared with the 4.6 / 4.7 exporter), SigLIP's attention runs as transformers' eager matmuls and the
+  resampler's as `explicit_attention`: the tiny V-4.0 vision method lowers as 2 subgraphs (18 before), its text
+  decoder as 18 (23).
 """
 
 from __future__ import annotations
@@ -204,6 +211,9 @@ def build_methods(model: MiniCPMV, max_context: int, chunk: int, max_patches: in
     image = np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8)
     slices = process_image(image, model.config.slice)
     inputs = model.vision_inputs(slices.pixel_values[:1], slices.tgt_sizes[:1], pad_to=max_patches)
+    # SigLIP's attention as transformers' eager matmuls + softmax: its SDPA path brings a fully-masked-row guard
+    # of portable ops (export.executorch_modules.explicit_attention). The model is the exporter's own.
+    model.vpm.config._attn_implementation = "eager"
     methods = {"vision_encoder": Method(vision_step(model), tuple(inputs[n] for n in VISION_INPUTS))}
     if model.resampler.temporal:
         group = video_example(model, max_patches)
@@ -240,17 +250,36 @@ def _tanh_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def export_methods(methods: dict[str, Method], undecomposed: tuple[str, ...] = ()
+def _layer_norm_as_means(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5, cudnn_enable: bool = True):
+    """Layer norm over the last axis as means, subtract, rsqrt, scale and shift, all XNNPACK ops once
+    `mean_as_pooling` runs (layer norm is not one: each of SigLIP's and the resampler's norms cut the vision method
+    into one more delegate subgraph and left the norm to a portable kernel)."""
+    if len(normalized_shape) != 1:
+        return NotImplemented
+    mean = x.mean(-1, keepdim=True)
+    centred = x - mean
+    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    out = centred * rstd
+    out = out * weight if weight is not None else out
+    out = out + bias if bias is not None else out
+    return out
+
+
+def export_methods(methods: dict[str, Method], undecomposed: tuple[str, ...] = (), backend: str = "xnnpack"
                    ) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export each method, decomposed with the tanh GELU spelled out; the methods named in `undecomposed` are
-    left to lowering's own decomposition, which keeps whole what the partitioner takes (linear: no mm + permute)."""
+    """torch.export each method, decomposed with the tanh GELU spelled out (and for XNNPACK the layer norms as
+    means); the methods named in `undecomposed` are left to lowering's own decomposition, which keeps whole what
+    the partitioner takes (linear: no mm + permute)."""
+    table = {torch.ops.aten.gelu.default: _tanh_gelu}
+    if backend == "xnnpack":
+        table |= {torch.ops.aten.layer_norm.default: _layer_norm_as_means}
     programs = {}
     with torch.no_grad(), warnings.catch_warnings(), quiet_loggers(*LOGGERS):
         warnings.simplefilter("ignore")
         for name, method in methods.items():
             program = torch.export.export(method.module, method.example, dynamic_shapes=method.dynamic, strict=False)
-            programs[name] = program if name in undecomposed else \
-                program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
+            programs[name] = program if name in undecomposed else program.run_decompositions(table)
     return programs
 
 
@@ -335,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vision_weights == "int8":  # the float features first: the vision parity is against them
             float_vision = vision_references(methods, model)
             install_int8_vision(*(methods[n].module for n in ("vision_encoder", "video_encoder") if n in methods))
-        programs = export_methods(methods)
+        programs = export_methods(methods, backend=args.backend)
         # Core ML programs build on Linux but load on Apple platforms only: no parity there.
         references = {**parity_references(methods, model, args.max_context, args.prefill_chunk), **float_vision} \
             if args.backend == "xnnpack" else {}

@@ -28,13 +28,13 @@ Memory: the torch modules' weights go to the meta device once traced (the parity
 the methods are lowered one at a time, each method's traced weights dropped once its delegates hold their copy
 (export.executorch_lowering.lower_each), so the whole float model is never held next to all its lowered copies.
 
-Lowering: every op XNNPACK takes is delegated, after two edge passes that remove what cut the graph into many
-small subgraphs (XNNPACK preprocesses each one through ~17 graph passes: the export time grows with their count).
-`drop_noop_expands`: torch.export spells each batched matmul as expand + view + bmm + view, and the expands to the
-shape they already have are not XNNPACK ops. `mean_as_pooling`: the RMSNorms' mean over the last axis is not an
-XNNPACK op, the same mean as a global average pool of a [1, rows, n, 1] view is. The tiny 4.6's T = 128 step lowered
-as 97 subgraphs before, 18 after (the rest sit at index, cumsum, where and select ops of the delta rule and the
-mask).
+Lowering: every op XNNPACK takes is delegated, after the edge passes of export.executorch_lowering (XNNPACK_PASSES)
+that remove what cut the graph into many small subgraphs (XNNPACK preprocesses each one through ~17 graph passes: the
+export time grows with their count). `drop_noop_expands`: torch.export spells each batched matmul as expand + view +
+bmm + view, and the expands to the shape they already have are not XNNPACK ops. `mean_as_pooling`: the RMSNorms'
+mean over the last axis is not an XNNPACK op, the same mean as a global average pool of a [1, rows, n, 1] view is.
+The tiny 4.6's T = 128 step lowered as 97 subgraphs before, 18 after (the rest sit at index, cumsum, where and select
+ops of the delta rule and the mask).
 
 Parity: every method through executorch.runtime against its torch module: the step methods over the calls the
 session makes (export.stateful_hybrid.schedule_calls, against the unmodified torch step with a host-held
@@ -54,7 +54,6 @@ the logits move by up to `QUANT_TOLERANCE` (the older models' 8da4w bound) inste
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -93,55 +92,6 @@ QUANT_TOLERANCE = 0.5  # of an 8da4w step method against its eager torchao step 
 def decoder_methods(chunk: int) -> dict[str, int]:
     """Method name -> tokens per call."""
     return {"prefill": chunk, "text_decoder": 1} if chunk > 1 else {"text_decoder": 1}
-
-
-def drop_noop_expands(graph_module: torch.fx.GraphModule):
-    """Edge pass: remove `expand_copy` nodes whose output has their input's shape (identities that split the XNNPACK
-    partition, see the module docstring)."""
-    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
-    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
-
-    dropped = 0
-    for node in list(graph_module.graph.nodes):
-        if node.op == "call_function" and node.target == exir_ops.edge.aten.expand_copy.default:
-            source = node.args[0]
-            if tuple(source.meta["val"].shape) == tuple(node.meta["val"].shape):
-                node.replace_all_uses_with(source)
-                graph_module.graph.erase_node(node)
-                dropped += 1
-    graph_module.recompile()
-    return PassResult(graph_module, dropped > 0)
-
-
-def mean_as_pooling(graph_module: torch.fx.GraphModule):
-    """Edge pass: `mean(x, [-1], keepdim=True)` as view [1, rows, n, 1] + mean over the last two axes (a global
-    average pool, which XNNPACK takes) + view back (see the module docstring)."""
-    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
-    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
-
-    view, mean = exir_ops.edge.aten.view_copy.default, exir_ops.edge.aten.mean.dim
-    changed = False
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_function" or node.target != mean:
-            continue
-        source, axes = node.args[0], list(node.args[1])
-        shape = list(source.meta["val"].shape)
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if axes not in ([-1], [len(shape) - 1]) or not keepdim or node.kwargs.get("dtype") is not None:
-            continue
-        pooled = [1, math.prod(shape[:-1]), shape[-1], 1]
-        with graph_module.graph.inserting_before(node):
-            flat = graph_module.graph.call_function(view, (source, pooled))
-            flat.meta["val"] = view(source.meta["val"], pooled)
-            pool = graph_module.graph.call_function(mean, (flat, [-1, -2], True))
-            pool.meta["val"] = mean(flat.meta["val"], [-1, -2], True)
-            back = graph_module.graph.call_function(view, (pool, list(node.meta["val"].shape)))
-            back.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(back)
-        graph_module.graph.erase_node(node)
-        changed = True
-    graph_module.recompile()
-    return PassResult(graph_module, changed)
 
 
 def build_methods(wrapper: StatefulHybridStep, vision: HybridVisionStep, vision_example: tuple, chunk: int) -> dict:
@@ -266,7 +216,7 @@ def export_hybrid(args: argparse.Namespace) -> int:
         status("lowering to xnnpack")
         t = time.perf_counter()
         metadata = metadata_methods(ckpt, args.max_context, chunk, dynamic=False)
-        program, edge = lower_each(programs, "xnnpack", metadata, torch.float32, (drop_noop_expands, mean_as_pooling))
+        program, edge = lower_each(programs, "xnnpack", metadata, torch.float32)
         delegated = delegation(edge, "XnnpackBackend")
         for name, size in method_bytes(edge).items():
             delegated[name]["bytes"] = size

@@ -1,11 +1,12 @@
-"""Lowering the exported methods to one ExecuTorch program (XNNPACK or the Core ML delegate), and what the summary
-reports of it (delegation per method, bytes per method)."""
+"""Lowering the exported methods to one ExecuTorch program (XNNPACK or the Core ML delegate), the edge passes that
+keep XNNPACK's partitions whole, and what the summary reports of it (delegation per method, bytes per method)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import io
+import math
 import warnings
 
 import torch
@@ -47,8 +48,8 @@ def partitioners(backend: str, dtype: torch.dtype, names: list[str]) -> dict[str
     return {name: [] if name == "token_embedding" else [coreml] for name in names}
 
 
-def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype, transform_passes: tuple = ()):
-    """to_edge_transform_and_lower (edge graph passes `transform_passes` first) + to_executorch, one method at a
+def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype):
+    """to_edge_transform_and_lower (for XNNPACK after `XNNPACK_PASSES`) + to_executorch, one method at a
     time, emptying `programs`: once a method's delegates hold their serialised copy of its weights, the traced ones
     are dropped, so the lowering's copies of one method's weights coexist with its traced ones, not every method's.
     `to_edge_transform_and_lower` partitions each method alone anyway. -> (ExecutorchProgramManager, the edge
@@ -68,7 +69,7 @@ def lower_each(programs: dict, backend: str, metadata: dict, dtype: torch.dtype,
         warnings.simplefilter("ignore")
         for name in list(programs):
             edge = to_edge_transform_and_lower({name: programs.pop(name)}, compile_config=config,
-                                               transform_passes=list(transform_passes) or None,
+                                               transform_passes=XNNPACK_PASSES if backend == "xnnpack" else None,
                                                partitioner=partitioners(backend, dtype, [name]))
             lowered[name] = edge.exported_program(name)
             del edge
@@ -100,6 +101,65 @@ def _drop_traced_weights(program) -> None:
                         if isinstance(value, torch.nn.Parameter) else stand_in
     gc.collect()
     return_freed_memory()
+
+
+def drop_noop_expands(graph_module: torch.fx.GraphModule):
+    """Edge pass: remove `expand_copy` nodes whose output has their input's shape (identities that split the XNNPACK
+    partition, see the module docstring)."""
+    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
+    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
+
+    dropped = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target == exir_ops.edge.aten.expand_copy.default:
+            source = node.args[0]
+            if tuple(source.meta["val"].shape) == tuple(node.meta["val"].shape):
+                node.replace_all_uses_with(source)
+                graph_module.graph.erase_node(node)
+                dropped += 1
+    graph_module.recompile()
+    return PassResult(graph_module, dropped > 0)
+
+
+def mean_as_pooling(graph_module: torch.fx.GraphModule):
+    """Edge pass: `mean(x, [-1], keepdim=True)` as view [1, rows, n, 1] + mean over the last two axes (a global
+    average pool, which XNNPACK takes) + view back (see the module docstring). One dynamic axis (a prefill's token
+    count) becomes the views' single inferred -1, the only symbolic size XNNPACK's reshape takes."""
+    from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
+    from executorch.exir.pass_base import PassResult  # noqa: PLC0415
+
+    view, mean = exir_ops.edge.aten.view_copy.default, exir_ops.edge.aten.mean.dim
+    changed = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != mean:
+            continue
+        source, axes = node.args[0], list(node.args[1])
+        shape = list(source.meta["val"].shape)
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dynamic = [i for i, n in enumerate(shape) if not isinstance(n, int)]
+        if axes not in ([-1], [len(shape) - 1]) or not keepdim or node.kwargs.get("dtype") is not None \
+                or len(dynamic) > 1 or len(shape) - 1 in dynamic:
+            continue
+        pooled = [1, -1 if dynamic else math.prod(shape[:-1]), shape[-1], 1]
+        kept = [-1 if i in dynamic else n for i, n in enumerate(node.meta["val"].shape)]
+        with graph_module.graph.inserting_before(node):
+            flat = graph_module.graph.call_function(view, (source, pooled))
+            flat.meta["val"] = view(source.meta["val"], pooled)
+            pool = graph_module.graph.call_function(mean, (flat, [-1, -2], True))
+            pool.meta["val"] = mean(flat.meta["val"], [-1, -2], True)
+            back = graph_module.graph.call_function(view, (pool, kept))
+            back.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(back)
+        graph_module.graph.erase_node(node)
+        changed = True
+    graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
+# Edge passes before XNNPACK's partitioner, each replacing ops it does not take: every such op cuts a method into
+# more delegate subgraphs, each preprocessed through ~17 graph passes (export time grows with their count) and each a
+# separate delegate call at run time.
+XNNPACK_PASSES = [drop_noop_expands, mean_as_pooling]
 
 
 def delegation(edge, backend_id: str) -> dict[str, dict]:

@@ -106,6 +106,14 @@ class StatefulDecoder(nn.Module):
         return step.lm_head(last)[:, 0]
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v as matmuls and a softmax. scaled_dot_product_attention decomposes with a
+    guard for fully masked rows (eq, any, logical_not, where: portable ops, each cutting the XNNPACK partition) that
+    no row here needs: every query sees at least one key."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(scores if mask is None else scores + mask, dim=-1), v)
+
+
 class SplitProjectionAttention(nn.Module):
     """The resampler's `nn.MultiheadAttention` (sequence-first, no dropout, no weights returned) with its packed
     [3E, E] in-projection held as three Linears. Packed, the projection weights are slices taken inside the
@@ -138,7 +146,7 @@ class SplitProjectionAttention(nn.Module):
         if key_padding_mask is not None:  # True = padding, as nn.MultiheadAttention takes it
             mask = torch.zeros(batch, 1, 1, lk, dtype=q.dtype).masked_fill(key_padding_mask[:, None, None, :],
                                                                          float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = explicit_attention(q, k, v, mask)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(lq * batch, e))
         return out.view(lq, batch, e), None
 

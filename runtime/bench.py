@@ -47,6 +47,7 @@ QUESTION = "Describe this image in detail."
 # the text-only prefill prompt: this sentence repeated up to about --prefill-tokens tokens
 PREFILL_TEXT = ("The quick brown fox jumps over the lazy dog while a red square and a blue circle sit on a wooden "
                 "table in the morning light. ")
+INT8_VISION_SUFFIX = "-int8vis"  # an export name with int8 vision weights ends so; without it, its float twin
 # export name -> (exporter module, its extra arguments, the backends that run it)
 EXPORTS = {
     "onnx": ("export.onnx", [], ["torch", "onnxruntime"]),
@@ -173,9 +174,11 @@ def bench_export(model: str, name: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for backend in backends:
         generate = ["runtime.generate", "--artifacts", str(export_dir), "--backend", backend]
-        stats = _run([*generate, *common])[0]["stats"]
+        answer = _run([*generate, *common])[0]
+        stats = answer["stats"]
         text = _run([*generate, "--prompt", prompt, "--max-new-tokens", "2", "--json"])[0]["stats"]
-        rows.append({**export_row, "backend": backend, **stats,
+        rows.append({**export_row, "backend": backend, **stats, "answer_ids": answer["token_ids"],
+                     "vision_parity": manifest["parity"].get("vision", manifest["parity"].get("vision_encoder")),
                      "prefill_prompt_tokens": text["prompt_tokens"], "prefill_tok_s": text["prefill_tok_s"],
                      "image_prefill_tok_s": stats["prefill_tok_s"]})
     return rows
@@ -204,7 +207,27 @@ def llama_cpp_row(binary: str, gguf: str, args: argparse.Namespace) -> dict:
             "prefill_prompt_tokens": prefill["n_prompt"], "peak_rss_mb": round(rss, 1)}
 
 
-def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tokens: int) -> None:
+def int8_vision_agreement(rows: list[dict]) -> list[dict]:
+    """Each int8-vision row against the float-vision row of the same model, LLM weights and backend: how many of the
+    image question's greedy tokens agree (the answer's first tokens up to where they part) and the vision step's
+    error against float (the manifest's parity)."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if r["export"].endswith(INT8_VISION_SUFFIX) and b["model"] == r["model"]
+                     and b["backend"] == r["backend"] and b["export"] == r["export"][:-len(INT8_VISION_SUFFIX)]
+                     and "answer_ids" in b and "answer_ids" in r), None)
+        if base is None:
+            continue
+        a, b = r["answer_ids"], base["answer_ids"]
+        agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        out.append({"model": r["model"], "export": r["export"], "backend": r["backend"], "against": base["export"],
+                    "tokens_agree": agree, "tokens": max(len(a), len(b)), "identical": a == b,
+                    "vision_parity": r.get("vision_parity")})
+    return out
+
+
+def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tokens: int,
+                 agreement: list[dict] = ()) -> None:
     print(f"\n{'model':<20}{'export':<27}{'backend':<12}{'export':>8}{'exp RSS':>9}{'size MB':>9}{'MB/tok':>8}"
           f"{'vision/slice':>13}{'TTFT ms':>9}{'audio/chunk':>12}{f'prefill@{prefill_tokens}':>12}"
           f"{'decode t/s':>11}{'roofline':>9}{'RSS MB':>8}")
@@ -226,6 +249,13 @@ def print_tables(rows: list[dict], devices: list[dict], facts: dict, prefill_tok
     for d in devices:
         print(f"{d['model']:<20}{d['export']:<27}{d['backend']:<12}{d['bytes_per_token'] / 1e6:>8.1f}"
               f"{100 * d['efficiency']:>7.2f}%" + "".join(f"{d['predicted_tok_s'][n]:>16.1f}" for n in names))
+    if agreement:
+        print(f"\nint8 vision against float vision (same LLM weights): greedy tokens of the image question\n"
+              f"{'model':<20}{'export':<36}{'backend':<12}{'tokens agree':>14}{'vision max |err|':>18}")
+        for a in agreement:
+            parity = "-" if a["vision_parity"] is None else f"{a['vision_parity']:.3g}"
+            print(f"{a['model']:<20}{a['export']:<36}{a['backend']:<12}{a['tokens_agree']:>7}/{a['tokens']:<6}"
+                  f"{parity:>18}")
     bw = facts["dram_read_gbs"]
     print(f"\nmachine: {facts['cpu_model']}, {facts['cores']} cores ({facts['threads_used']} threads used), "
           f"{facts['memory_gb']} GB RAM, {' '.join(facts['isa'])}\n"
@@ -298,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
              "device_bandwidth_gbs": machine.DEVICES}
     rows = [{**r, **machine.roofline(r, facts["dram_read_gbs"])} for r in rows]
     devices = machine.device_estimates(rows, facts["dram_read_gbs"])
-    print_tables(rows, devices, facts, args.prefill_tokens)
+    agreement = int8_vision_agreement(rows)
+    print_tables(rows, devices, facts, args.prefill_tokens, agreement)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench.json").write_text(json.dumps({"machine": facts, "rows": rows, "device_estimates": devices,
+                                                           "int8_vision_agreement": agreement,
                                                            "failures": failures}, indent=2) + "\n")
     for f in failures:
         print(f"FAILED {f['model']} {f['export']}: {f['error'].splitlines()[-1]}")

@@ -1,15 +1,16 @@
-"""Shared fixtures: tiny checkpoints (built once per session into a private cache) and test images."""
+"""Shared fixtures: tiny checkpoints (built once per session into a private cache), test images, and the session's
+export pool (tests/export_pool.py)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.export_pool import ROOT, Exports, Quantized
+
 REFERENCE_O45 = ROOT / "minicpm" / "assets" / "minicpm-o-4_5"  # the real MiniCPM-o 4.5 tokenizer files
 
 
@@ -60,53 +61,6 @@ def hybrid():
     return get
 
 
-class Exports:
-    """Export directories shared by every test module: `exports(fmt, model, *args)` runs `python -m export.<fmt>
-    --model model --out DIR *args` once per distinct command in the session (its own process, two at a time) and
-    returns DIR; `exports.start(...)` begins one in the background."""
-
-    def __init__(self, root: Path, tiny_path):
-        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-        self.root, self.tiny_path, self.futures, self.runs = root, tiny_path, {}, {}
-        self.pool = ThreadPoolExecutor(max_workers=2)
-
-    def start(self, fmt: str, model: str | Path, *args: str):
-        key = (fmt, str(model), *map(str, args))
-        if key not in self.futures:
-            if str(model).startswith("tiny-"):
-                self.tiny_path(str(model))  # built here, before two export processes race for it
-            out = self.root / f"{fmt}-{len(self.futures)}-{Path(str(model)).name}"
-            self.runs[key] = ([*key[:1], *key[1:]], out)
-            self.futures[key] = self.pool.submit(self._run, *self.runs[key])
-        return self.futures[key]
-
-    def __call__(self, fmt: str, model: str | Path, *args: str) -> Path:
-        future = self.start(fmt, model, *args)
-        if future.cancel():  # still queued behind the exports ahead of it: the test would idle, so run it now
-            from concurrent.futures import Future  # noqa: PLC0415
-
-            key, future = (fmt, str(model), *map(str, args)), Future()
-            try:
-                future.set_result(self._run(*self.runs[key]))
-            except BaseException as e:  # noqa: BLE001 (kept for every test that asks for this export)
-                future.set_exception(e)
-            self.futures[key] = future
-        return future.result()
-
-    @staticmethod
-    def _run(key: list[str], out: Path) -> Path:
-        import subprocess  # noqa: PLC0415
-        import sys  # noqa: PLC0415
-
-        fmt, model, *args = key
-        cmd = [sys.executable, "-m", f"export.{fmt}", "--model", model, "--out", str(out), *args]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-        (out / "summary.txt").write_text(r.stdout)  # the summary table; not in the manifest, ignored by runtimes
-        return out
-
-
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory, tiny_path):
     pool = Exports(tmp_path_factory.mktemp("exports"), tiny_path)
@@ -148,13 +102,14 @@ def pytest_collection_finish(session):
         module = getattr(item, "module", None)
         if module is not None and module not in seen:
             seen.add(module)
-            ahead += [tuple(map(str, cmd)) for cmd in getattr(module, "EXPORTS_AHEAD", [])]
+            ahead += [tuple(c if isinstance(c, Quantized) else str(c) for c in cmd)
+                      for cmd in getattr(module, "EXPORTS_AHEAD", [])]
     session.config.stash[AHEAD] = ahead
 
 
 @pytest.fixture(scope="session", autouse=True)
 def exports_ahead(request, private_cache, exports):
-    for command in request.config.stash.get(AHEAD, []):
+    for command in request.config.stash.get(AHEAD, []):  # a Quantized model's build is queued just before it
         exports.start(*command)
 
 

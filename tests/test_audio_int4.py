@@ -24,6 +24,7 @@ from minicpm.split import AudioChunkStep
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import ROOT, speechlike
+from tests.export_pool import Quantized
 from tests.test_onnx_int4 import assert_records_written, matmul_nbits_nodes
 
 NAME = "tiny-minicpm-o-4.5"
@@ -34,30 +35,23 @@ ET_TOLERANCE = 1e-2
 AUDIO_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
 
 
+# tiny o-4.5 through `python -m quant.awq --symmetric --quantize-audio --group-size 32` (group 32: the tiny encoder is
+# 32 wide), built on the session's export pool and exported from there: both exports queued at session start
+AWQ_AUDIO = Quantized(NAME, ("--symmetric", "--quantize-audio", "--group-size", "32", "--samples", "4",
+                             "--seq-len", "64"))
+ONNX = ("onnx", AWQ_AUDIO, "--max-context", str(MAX_CONTEXT), "--accuracy-level", "0")  # float compute: exact chain
+COREAI = ("coreai", AWQ_AUDIO, "--max-context", str(MAX_CONTEXT), "--precision", "fp32")
+EXPORTS_AHEAD = [ONNX, COREAI]
+
+
 @pytest.fixture(scope="module")
-def awq_audio_dir(tmp_path_factory, private_cache):
-    """tiny o-4.5 through `python -m quant.awq --symmetric --quantize-audio --group-size 32` (group 32: the tiny
-    encoder is 32 wide), in process on one thread (fastest for AWQ here)."""
-    from quant.awq import main
-
-    out = tmp_path_factory.mktemp("awq-audio") / "o45-awq-audio"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["--model", NAME, "--out", str(out), "--symmetric", "--quantize-audio", "--group-size", "32",
-                     "--samples", "4", "--seq-len", "64"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def awq_audio_dir(exports):
+    return exports.quantized(AWQ_AUDIO)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onnx_export(exports, awq_audio_dir):
-    """The ONNX export of the directory (float compute everywhere, so the chain is exact), started in the background
-    before the first test (the ONNX tests come last)."""
-    command = ("onnx", awq_audio_dir, "--max-context", str(MAX_CONTEXT), "--accuracy-level", "0")
-    exports.start(*command)
-    return lambda: exports(*command)  # still queued behind the session's exports: it runs in the test's thread
+@pytest.fixture(scope="module")
+def onnx_export(exports):
+    return lambda: exports(*ONNX)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +129,7 @@ def test_coreai_audio_asset_holds_the_records(exports, quantized, awq_audio_dir)
     zero points, stored transposed as the LLM's) and measures it against AudioChunkStep of the same weights."""
     from export.coreai_asset import quantized_constants
 
-    out = exports("coreai", awq_audio_dir, "--max-context", str(MAX_CONTEXT), "--precision", "fp32")
+    out = exports(*COREAI)
     manifest = read_manifest(out)
     _, _, records = quantized
     audio = audio_records(records)

@@ -151,11 +151,35 @@ def test_bench_runs_end_to_end_with_machine_fields(tmp_path):
                 "prefill_tok_s", "prefill_prompt_tokens", "vision_ms_per_slice", "time_to_first_token_ms"):
         assert row[key] > 0, key
     assert 400 <= row["prefill_prompt_tokens"] <= 512 and row["slices"] >= 1
+    assert 1 <= len(row["answer_ids"]) <= 4 and bench["int8_vision_agreement"] == []  # no int8-vision export here
     assert row["bytes_per_token"] == bench_machine.bytes_per_token(tmp_path / "tiny-minicpm-v-4-onnx-int4")
     log = (tmp_path / "tiny-minicpm-v-4-onnx-int4.export.log").read_text()  # the exporter's own summary table
     assert "llm.onnx" in log and "vision.onnx" in log
     (est,) = bench["device_estimates"]
     assert set(est["predicted_tok_s"]) == set(bench_machine.DEVICES)
+
+
+def test_int8_vision_agreement_pairs_each_int8_row_with_its_float_twin(capsys):
+    """The int8-vision row is compared with the row of the same model, backend and LLM weights whose export name
+    lacks the suffix: leading greedy tokens that agree, and the vision parity its manifest reports."""
+    from runtime import bench
+
+    def row(export, backend, ids, parity=1e-6, model="m"):
+        return {"model": model, "export": export, "backend": backend, "answer_ids": ids, "vision_parity": parity}
+
+    rows = [row("onnx-int4-int8head", "onnxruntime", [5, 6, 7, 8]),
+            row("onnx-int4-int8head-int8vis", "onnxruntime", [5, 6, 9, 8], 0.03),
+            row("onnx-int4-int8head", "torch", [5, 6, 7, 8]),  # another backend: no int8 twin
+            row("executorch-8da4w-int8head-int8vis", "executorch", [1, 2]),  # no float twin in the rows
+            row("onnx-int4-int8head-int8vis", "onnxruntime", [5, 6, 7, 8], 0.02, model="n"),
+            row("onnx-int4-int8head", "onnxruntime", [5, 6, 7, 8], model="n")]
+    assert bench.int8_vision_agreement(rows) == [
+        {"model": "m", "export": "onnx-int4-int8head-int8vis", "backend": "onnxruntime",
+         "against": "onnx-int4-int8head", "tokens_agree": 2, "tokens": 4, "identical": False, "vision_parity": 0.03},
+        {"model": "n", "export": "onnx-int4-int8head-int8vis", "backend": "onnxruntime",
+         "against": "onnx-int4-int8head", "tokens_agree": 4, "tokens": 4, "identical": True, "vision_parity": 0.02}]
+    short = bench.int8_vision_agreement([row("x", "b", [1, 2, 3]), row("x-int8vis", "b", [1, 2])])
+    assert (short[0]["tokens_agree"], short[0]["tokens"], short[0]["identical"]) == (2, 3, False)
 
 
 def test_llama_cpp_row_and_export_only_rows(tmp_path, capsys):

@@ -31,42 +31,35 @@ from runtime.backends.coreai_backend import CoreAIBackend
 from runtime.manifest import read_manifest
 from runtime.session import Session
 from tests.conftest import noise_image
+from tests.export_pool import Quantized
 
 MAX_CONTEXT = 640
 IMAGES = [noise_image(200, 150, 1), noise_image(640, 480, 2), noise_image(300, 900, 3)]  # last two are sliced
 PROMPTS = ["What is in this image?", "Describe the colours."]
 FP32 = ["--precision", "fp32"]
-EXPORTS = {  # key -> (model or a fixture's directory, extra arguments)
+AWQ = Quantized("tiny-minicpm-o-4.5", ("--samples", "4", "--seq-len", "64"))  # asymmetric AWQ, on the export pool
+EXPORTS = {  # key -> (model, extra arguments)
     "v4": ("tiny-minicpm-v-4", ["--quant", "none"]),
     "o45": ("tiny-minicpm-o-4.5", ["--quant", "none"]),
     "v4-chunk7": ("tiny-minicpm-v-4", ["--quant", "none", "--prefill-chunk", "7"]),
     "v4-rtn": ("tiny-minicpm-v-4", ["--quant", "int4-rtn", "--lm-head", "int8", "--group-size", "32"]),
-    "o45-awq": (None, []),  # the quant.awq directory of the awq_dir fixture, as --model
+    "o45-awq": (AWQ, []),
 }
 EXPORTS_AHEAD = [("coreai", model, "--max-context", str(MAX_CONTEXT), *extra, *FP32)  # queued at session start
-                 for model, extra in EXPORTS.values() if model]
+                 for model, extra in EXPORTS.values()]
 
 
 @pytest.fixture(scope="module")
-def awq_dir(tmp_path_factory, private_cache):
-    """tiny o-4.5 through `python -m quant.awq` (asymmetric, in process: AWQ on one thread is fastest here)."""
-    from quant.awq import main
-
-    out = tmp_path_factory.mktemp("coreai-awq") / "o45-awq"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["--model", "tiny-minicpm-o-4.5", "--out", str(out), "--samples", "4", "--seq-len", "64"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def awq_dir(exports):
+    """tiny o-4.5 through `python -m quant.awq` (asymmetric)."""
+    return exports.quantized(AWQ)
 
 
 @pytest.fixture(scope="module")
-def exported(exports, awq_dir):
+def exported(exports):
     """key -> export directory, through the session's export pool (each command once, in its own process, two at
     a time): the o45 command is tests/test_audio_chain.py's Core AI export too."""
-    commands = {key: ("coreai", model or awq_dir, "--max-context", str(MAX_CONTEXT), *extra, *FP32)
+    commands = {key: ("coreai", model, "--max-context", str(MAX_CONTEXT), *extra, *FP32)
                 for key, (model, extra) in EXPORTS.items()}
     for command in commands.values():
         exports.start(*command)

@@ -304,6 +304,19 @@ def _delegates(path: Path) -> dict[str, list[str]]:
     return {plan.name: [d.id for d in plan.delegates] for plan in program.execution_plan}
 
 
+def _portable_ops(path: Path) -> dict[str, list[str]]:
+    """Method -> the kernel names of its non-delegated instructions, in order, read from the .pte itself."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(path.read_bytes())
+    out = {}
+    for plan in getattr(pte, "program", pte).execution_plan:
+        names = [op.name for op in plan.operators]
+        out[plan.name] = [names[i.instr_args.op_index] for chain in plan.chains for i in chain.instructions
+                          if hasattr(i.instr_args, "op_index")]
+    return out
+
+
 def test_int8_vision_is_delegated_smaller_and_close_to_the_float_step(exported, tiny):
     """`--vision-weights int8`: every vision Linear runs in XNNPACK as 8da8w, the vision method holds about a
     quarter of the float program's vision bytes, and on every slice of every test image its features stay close to
@@ -365,6 +378,13 @@ def test_program_delegates_linear_layers_to_xnnpack(exported, tiny):
     # SplitProjectionAttention) plus the resampler's bare `@ proj` matrix.
     vision = methods["vision_encoder"]["delegation"]
     assert vision["linear_delegated"] == vision["linear_ops"] == count_linears(vision_step(model)) + 1
+    # Norms, attention and MLPs in as few XNNPACK subgraphs as the ops allow (export.executorch_lowering's passes,
+    # the layer norms as means, attention without SDPA's masked-row guard): the vision step is one subgraph after
+    # the position-embedding lookup (a gather, left portable with the patch mask), the decoder's norms are delegated.
+    assert vision["subgraphs"] == 2, vision
+    portable = _portable_ops(out / "model.pte")
+    assert not {"aten::native_layer_norm", "aten::any", "aten::logical_not"} & set(portable["vision_encoder"])
+    assert "aten::mean" not in portable["text_decoder"], portable["text_decoder"]
 
 
 def test_coreml_program_structure(exported):

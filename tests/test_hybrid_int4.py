@@ -26,32 +26,25 @@ from runtime.manifest import read_manifest
 from runtime.parity import eager_reference
 from runtime.session import Session
 from tests.conftest import noise_image
+from tests.export_pool import Quantized
 
 MAX_CONTEXT, NEW = 256, 8
 RTN_47 = ("onnx", "tiny-minicpm-v-4.7", "--max-context", str(MAX_CONTEXT), "--quant", "int4-rtn", "--group-size",
           "32", "--lm-head", "int8", "--accuracy-level", "0")
-EXPORTS_AHEAD = [RTN_47]  # the AWQ export of 4.6 starts once its quantised directory exists (fixture awq_46)
+AWQ_46 = Quantized("tiny-minicpm-v-4.6", ("--group-size", "32", "--samples", "4", "--seq-len", "96"))
+ONNX_46 = ("onnx", AWQ_46, "--max-context", str(MAX_CONTEXT), "--accuracy-level", "0")
+COREAI_46 = ("coreai", AWQ_46, "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16")
+EXPORTS_AHEAD = [RTN_47, ONNX_46, COREAI_46]  # queued at session start
 LAYOUTS = {"qwen3.5 gated delta-net decoder", "llama/qwen2/qwen3 decoder"}
 TEXT = [{"role": "user", "content": ["Tell me about the weather."]}]
 IMAGE = [{"role": "user", "content": [noise_image(200, 150, seed=3), "What is in this image?"]}]
 
 
-@pytest.fixture(scope="module", autouse=True)  # first: its export then runs while the other tests do
-def awq_46(tmp_path_factory, private_cache, exports):
-    """(quantised directory, futures of its ONNX and Core AI exports): tiny 4.6 through `python -m quant.awq` (in
-    process, one thread: fastest for AWQ here), then exported in the background on the session's pool."""
-    from quant.awq import main  # noqa: PLC0415
-
-    out = tmp_path_factory.mktemp("awq") / "v46-awq"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["--model", "tiny-minicpm-v-4.6", "--out", str(out), "--group-size", "32", "--samples", "4",
-                     "--seq-len", "96"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out, exports.start("onnx", out, "--max-context", str(MAX_CONTEXT), "--accuracy-level", "0"), \
-        exports.start("coreai", out, "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16")
+@pytest.fixture(scope="module")
+def awq_46(exports):
+    """(quantised directory, its ONNX and Core AI exports as callables): tiny 4.6 through `python -m quant.awq`, both
+    built on the session's pool, queued at session start."""
+    return exports.quantized(AWQ_46), lambda: exports(*ONNX_46), lambda: exports(*COREAI_46)
 
 
 def test_vision_int4_is_refused_in_one_line(tmp_path):
@@ -150,7 +143,7 @@ def test_awq_46_codes_and_tokens(awq_46):
     of the same weights, and the chain's greedy tokens equal runtime.parity's eager reference (the directory's
     quantised model) on a text and an image prompt."""
     directory, onnx_export, _ = awq_46
-    out = onnx_export.result()
+    out = onnx_export()
     records, _ = load_records(directory / "quant_records.safetensors")
     assert any(r.input_scale is not None for r in records.values())  # the delta-net out_proj's explicit scale
     _check_codes(out, records)
@@ -190,7 +183,7 @@ def test_awq_46_coreai_asset_holds_the_records(awq_46):
     from export.coreai_asset import quantized_constants  # noqa: PLC0415 (imports coreai)
 
     directory, _, coreai_export = awq_46
-    out = coreai_export.result()
+    out = coreai_export()
     records, _ = load_records(directory / "quant_records.safetensors")
     manifest = read_manifest(out)
     assert manifest["quantization"]["layers"] == len(records) and manifest["parity"]["llm"] < 1e-4
