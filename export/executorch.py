@@ -75,7 +75,8 @@ methods are in export/executorch_modules.py):
   means (`_layer_norm_as_means`), the means become global average pools (export.executorch_lowering's edge
   passes, shared with the 4.6 / 4.7 exporter), SigLIP's attention runs as transformers' eager matmuls and the
   resampler's as `explicit_attention`: the tiny V-4.0 vision method lowers as 2 subgraphs (18 before), its text
-  decoder as 18 (23).
+  decoder as 18 (23); the mid-size model's vision as 2 (30), 3x faster (median 295 ms per 448 slice, was 790 ms,
+  2 cores).
 """
 
 from __future__ import annotations
