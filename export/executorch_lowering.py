@@ -105,7 +105,7 @@ def _drop_traced_weights(program) -> None:
 
 def drop_noop_expands(graph_module: torch.fx.GraphModule):
     """Edge pass: remove `expand_copy` nodes whose output has their input's shape (identities that split the XNNPACK
-    partition, see the module docstring)."""
+    partition, see XNNPACK_PASSES)."""
     from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
     from executorch.exir.pass_base import PassResult  # noqa: PLC0415
 
@@ -123,7 +123,7 @@ def drop_noop_expands(graph_module: torch.fx.GraphModule):
 
 def mean_as_pooling(graph_module: torch.fx.GraphModule):
     """Edge pass: `mean(x, [-1], keepdim=True)` as view [1, rows, n, 1] + mean over the last two axes (a global
-    average pool, which XNNPACK takes) + view back (see the module docstring). One dynamic axis (a prefill's token
+    average pool, which XNNPACK takes) + view back (see XNNPACK_PASSES). One dynamic axis (a prefill's token
     count) becomes the views' single inferred -1, the only symbolic size XNNPACK's reshape takes."""
     from executorch.exir.dialects._ops import ops as exir_ops  # noqa: PLC0415
     from executorch.exir.pass_base import PassResult  # noqa: PLC0415
