@@ -213,9 +213,10 @@ def int8_vision_agreement(rows: list[dict]) -> list[dict]:
     error against float (the manifest's parity)."""
     out = []
     for r in rows:
-        base = next((b for b in rows if r["export"].endswith(INT8_VISION_SUFFIX) and b["model"] == r["model"]
-                     and b["backend"] == r["backend"] and b["export"] == r["export"][:-len(INT8_VISION_SUFFIX)]
-                     and "answer_ids" in b and "answer_ids" in r), None)
+        if not r["export"].endswith(INT8_VISION_SUFFIX) or "answer_ids" not in r:
+            continue
+        twin = (r["model"], r["backend"], r["export"][:-len(INT8_VISION_SUFFIX)])
+        base = next((b for b in rows if (b["model"], b["backend"], b["export"]) == twin and "answer_ids" in b), None)
         if base is None:
             continue
         a, b = r["answer_ids"], base["answer_ids"]

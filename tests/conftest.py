@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.export_pool import ROOT, Exports, Quantized
+from tests.export_pool import ROOT, Exports
 
 REFERENCE_O45 = ROOT / "minicpm" / "assets" / "minicpm-o-4_5"  # the real MiniCPM-o 4.5 tokenizer files
 
@@ -102,8 +102,7 @@ def pytest_collection_finish(session):
         module = getattr(item, "module", None)
         if module is not None and module not in seen:
             seen.add(module)
-            ahead += [tuple(c if isinstance(c, Quantized) else str(c) for c in cmd)
-                      for cmd in getattr(module, "EXPORTS_AHEAD", [])]
+            ahead += [tuple(cmd) for cmd in getattr(module, "EXPORTS_AHEAD", [])]  # Exports.start keys them
     session.config.stash[AHEAD] = ahead
 
 

@@ -295,22 +295,23 @@ def test_records_become_exact_torchao_weights(tiny_path):
 # ----- delegation ---------------------------------------------------------------------------------------
 
 
-def _delegates(path: Path) -> dict[str, list[str]]:
-    """Method -> backend ids of its delegate calls, read from the .pte itself."""
+def _execution_plans(path: Path) -> list:
+    """The .pte's execution plans (one per method), read from the file itself."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     pte = deserialize_pte_binary(path.read_bytes())
-    program = getattr(pte, "program", pte)
-    return {plan.name: [d.id for d in plan.delegates] for plan in program.execution_plan}
+    return getattr(pte, "program", pte).execution_plan
+
+
+def _delegates(path: Path) -> dict[str, list[str]]:
+    """Method -> backend ids of its delegate calls."""
+    return {plan.name: [d.id for d in plan.delegates] for plan in _execution_plans(path)}
 
 
 def _portable_ops(path: Path) -> dict[str, list[str]]:
-    """Method -> the kernel names of its non-delegated instructions, in order, read from the .pte itself."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    pte = deserialize_pte_binary(path.read_bytes())
+    """Method -> the kernel names of its non-delegated instructions, in order."""
     out = {}
-    for plan in getattr(pte, "program", pte).execution_plan:
+    for plan in _execution_plans(path):
         names = [op.name for op in plan.operators]
         out[plan.name] = [names[i.instr_args.op_index] for chain in plan.chains for i in chain.instructions
                           if hasattr(i.instr_args, "op_index")]
